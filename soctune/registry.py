@@ -1,0 +1,105 @@
+"""Name -> class registries behind `get_process`, `get_solver`, `get_reward`.
+
+A registry maps the short names users type on the command line to classes, and also accepts
+an import path ``"my_pkg.my_module:MyClass"`` so third-party plug-ins need no registration
+call at all.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class SoctuneError(ValueError):
+    """A user mistake. Its message is one line that names the fix; the CLI prints it without a
+    traceback."""
+
+
+class UnknownNameError(SoctuneError):
+    """A name that no registry entry (and no importable path) matches."""
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    name: str
+    obj: T
+    description: str
+
+
+class Registry(Generic[T]):
+    """A named collection of plug-ins of one kind (``"process"``, ``"solver"``, ``"reward"``).
+
+    >>> reg = Registry[type]("widget")
+    >>> @reg.register("box", "a box")
+    ... class Box: ...
+    >>> reg.get("box") is Box
+    True
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry[T]] = {}
+
+    def register(self, name: str, description: str = "") -> Callable[[T], T]:
+        """Decorator registering ``obj`` under ``name``; the description is shown by
+        ``soctune list``. Defaults to the first docstring line."""
+
+        def deco(obj: T) -> T:
+            desc = description or (getattr(obj, "__doc__", None) or "").strip().split("\n")[0]
+            if name in self._entries and self._entries[name].obj is not obj:
+                raise SoctuneError(f"{self.kind} '{name}' is already registered; pick another name")
+            self._entries[name] = Entry(name, obj, desc)
+            try:
+                setattr(obj, "registered_name", name)
+            except (AttributeError, TypeError):
+                pass
+            return obj
+
+        return deco
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry[T]]:
+        return [self._entries[n] for n in self.names()]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def get(self, name: str) -> T:
+        """Look ``name`` up; ``"pkg.module:Attr"`` imports a plug-in instead."""
+        if name in self._entries:
+            return self._entries[name].obj
+        if ":" in name:
+            module_name, _, attr = name.partition(":")
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as exc:
+                raise UnknownNameError(
+                    f"cannot import {self.kind} plug-in module '{module_name}' ({exc}); "
+                    "check the import path 'package.module:Name' and that it is on PYTHONPATH"
+                ) from None
+            try:
+                return getattr(module, attr)
+            except AttributeError:
+                raise UnknownNameError(
+                    f"module '{module_name}' has no attribute '{attr}' for {self.kind} '{name}'"
+                ) from None
+        raise UnknownNameError(
+            f"unknown {self.kind} '{name}'; choose one of: {', '.join(self.names())} "
+            f"(or a plug-in as 'package.module:Name')"
+        )
+
+    def build(self, name: str, **options: Any) -> Any:
+        """Instantiate the entry with keyword options, turning bad options into a one-line error."""
+        cls = self.get(name)
+        try:
+            return cls(**options)
+        except TypeError as exc:
+            if "unexpected keyword argument" in str(exc) or "missing" in str(exc):
+                raise SoctuneError(f"bad options for {self.kind} '{name}': {exc}") from None
+            raise

@@ -1,0 +1,68 @@
+"""A user-defined SDE dX = b(X, t) dt + σ(t) dW, discretised by Euler–Maruyama."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..registry import SoctuneError
+from .base import Process, register_process
+
+DriftFn = Callable[[Tensor, float], Tensor]
+DiffusionFn = Callable[[float], float]
+
+
+@register_process("euler-maruyama", "Any user SDE dX=b(X,t)dt+σ(t)dW (Euler–Maruyama); the model is a control or a drift")
+class EulerMaruyama(Process):
+    """The library API for new SDE samplers.
+
+    The model prediction enters the drift in one of two ways:
+
+    * ``prediction_type == "control"``: b_θ(x, t) = b(x, t) + σ(t)·u_θ(x, t) — SOC form; the
+      base model of an SOC problem is :class:`~soctune.models.base.ZeroDenoiser`.
+    * ``prediction_type == "drift"``: b_θ(x, t) = pred (a neural SDE's full drift).
+
+    Subclass and override :meth:`base_drift` and :meth:`diffusion` (and ``make_grid``/``prior``)
+    to define a process in one file, or pass callables.
+
+    Args:
+        drift: b(x [B,*S], t) -> [B,*S]; default 0.
+        diffusion: σ(t) -> float; default 1.
+        num_steps: K (uniform grid on [0, 1]).
+        prior_std: x_0 ~ N(prior_mean, prior_std² I); 0 gives a fixed start.
+        memoryless: declare that X_0 and X_1 are independent under the base process.
+    """
+
+    accepts = ("control", "drift")
+
+    def __init__(self, drift: DriftFn | None = None, diffusion: DiffusionFn | float | None = None,
+                 num_steps: int = 100, prior_mean: float = 0.0, prior_std: float = 1.0,
+                 memoryless: bool = False) -> None:
+        if prior_std < 0:
+            raise SoctuneError(f"prior_std must be ≥ 0, got {prior_std}")
+        self._drift_fn = drift
+        self._sigma = diffusion
+        self.prior_mean, self.prior_std = float(prior_mean), float(prior_std)
+        self.memoryless = bool(memoryless)  # type: ignore[misc]
+        super().__init__(num_steps)
+
+    def prior(self, shape, generator=None, device=None, dtype=torch.float32) -> Tensor:  # type: ignore[override]
+        return self.prior_mean + self.prior_std * torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+    def base_drift(self, x: Tensor, t: float) -> Tensor:
+        """Uncontrolled drift b(x, t) [B,*S]."""
+        return torch.zeros_like(x) if self._drift_fn is None else self._drift_fn(x, t)
+
+    def diffusion(self, t: float) -> float:
+        if self._sigma is None:
+            return 1.0
+        return float(self._sigma(t)) if callable(self._sigma) else float(self._sigma)
+
+    def drift(self, x: Tensor, t: float, pred: Tensor, prediction_type: str) -> Tensor:
+        if prediction_type == "drift":
+            return pred
+        if prediction_type == "control":
+            return self.base_drift(x, t) + self.diffusion(t) * pred
+        raise SoctuneError(f"euler-maruyama takes 'control' or 'drift' models, not '{prediction_type}'")

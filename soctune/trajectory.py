@@ -1,0 +1,200 @@
+"""The one sampling loop (:func:`rollout`) and the :class:`Trajectory` record it returns.
+
+Every solver, sampler and metric in soctune samples through :func:`rollout`; replaying a
+trajectory's recorded noise reproduces its states exactly, which is what lets solvers
+recompute a step's mean (with a graph, under the base model, …) after the fact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .models.base import Denoiser
+from .registry import SoctuneError
+from .sde.base import Process, StepOutput
+
+RewardFn = Callable[[Tensor, Any], Tensor]
+
+
+@dataclass(frozen=True)
+class GradSpec:
+    """Which steps of a rollout keep the autograd graph.
+
+    ``none``: no step. ``last``: the last ``k`` executed steps (stop-gradient before them,
+    DRaFT-K). ``all``: every step, each wrapped in gradient checkpointing when ``checkpoint``
+    (memory O(1) in K at the price of one extra forward per step).
+    """
+
+    mode: Literal["none", "last", "all"] = "none"
+    k: int = 1
+    checkpoint: bool = True
+
+    @classmethod
+    def none(cls) -> "GradSpec":
+        return cls("none")
+
+    @classmethod
+    def last(cls, k: int = 1) -> "GradSpec":
+        return cls("last", k=k)
+
+    @classmethod
+    def all(cls, checkpoint: bool = True) -> "GradSpec":
+        return cls("all", checkpoint=checkpoint)
+
+    def keeps_graph(self, k: int, n_steps: int) -> bool:
+        if self.mode == "all":
+            return True
+        return self.mode == "last" and k >= n_steps - self.k
+
+
+@dataclass
+class Trajectory:
+    """A recorded rollout of K' ≤ K steps (K' < K when stopped early).
+
+    Shapes: ts [K'+1] (float64 generation times), xs [K'+1, B, *S], noises / means / x0s
+    [K', B, *S], stds [K'] (per-step std, 0 for deterministic steps). ``states[k]`` is the
+    process state entering step k (constants, e.g. the previous x̂₁ of a multistep solver).
+    ``x_final`` and ``x0_final`` (x̂₁ predicted at the last executed step) carry the autograd
+    graph requested by the rollout's :class:`GradSpec`; every other tensor is detached.
+    """
+
+    ts: Tensor
+    xs: Tensor
+    noises: Tensor
+    means: Tensor
+    stds: Tensor
+    x0s: Tensor | None
+    states: list[dict[str, Tensor]]
+    cond: Any
+    prediction_type: str
+    x_final: Tensor
+    x0_final: Tensor | None = None
+    reward: Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return self.noises.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.xs.shape[1]
+
+    def log_probs(self) -> Tensor:
+        """log N(x_{k+1}; m_k, s_k² I) per step and sample, [K', B]; steps with s_k = 0 are 0."""
+        out = torch.zeros(self.num_steps, self.batch_size, dtype=self.xs.dtype, device=self.xs.device)
+        for k in range(self.num_steps):
+            if float(self.stds[k]) > 0:
+                out[k] = Process.log_prob(self.xs[k + 1], self.means[k], self.stds[k])
+        return out
+
+    def stochastic_steps(self) -> list[int]:
+        """Indices of steps with s_k > 0 (the ones that carry control cost / log-density)."""
+        return [k for k in range(self.num_steps) if float(self.stds[k]) > 0]
+
+
+def model_step(process: Process, model: Denoiser, x: Tensor, k: int, cond: Any,
+               state: dict[str, Tensor]) -> StepOutput:
+    """One evaluation of the mean map: pred = model(x_k, t_k, cond), then the process's kernel.
+
+    x: [B, *S]. Returns the step's (mean, std, x̂₁, next state). Differentiable in x and in the
+    model's parameters when called under grad.
+    """
+    tb = torch.full((x.shape[0],), process.model_time(k), dtype=x.dtype, device=x.device)
+    pred = model(x, tb, cond)
+    return process.step_kernel(x, k, pred, state, model.prediction_type)
+
+
+def rollout(process: Process, model: Denoiser, *, batch_size: int | None = None,
+            sample_shape: tuple[int, ...] | None = None, cond: Any = None, x_init: Tensor | None = None,
+            noises: Tensor | None = None, generator: torch.Generator | None = None,
+            grad: GradSpec = GradSpec(), stop_at: int | None = None, reward_fn: RewardFn | None = None,
+            device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+            callback: Callable[[int, Tensor], None] | None = None) -> Trajectory:
+    """Sample the discrete chain x_{k+1} = m_k + s_k ξ_k with ``model`` and record it.
+
+    Args:
+        process: the discretised SDE.
+        model: the denoiser (wrap in ``with model.base():`` for the base process).
+        batch_size, sample_shape: B and S when ``x_init`` is not given (x_0 from the prior).
+        cond: conditioning passed to the model untouched (class labels, text embeddings).
+        x_init: [B, *S] start state (overrides the prior).
+        noises: [K, B, *S] recorded ξ to replay (or [K'] for a shorter rollout); drawn from
+            ``generator`` otherwise.
+        grad: which steps keep the autograd graph.
+        stop_at: execute only steps 0 … stop_at−1 (ReFL's early stop).
+        reward_fn: r(x [B,*S], cond) -> [B] evaluated on the final state (with its graph).
+        callback: called as ``callback(k, x_{k+1})`` after each step (progress bars).
+
+    Returns:
+        the :class:`Trajectory`.
+    """
+    process.check_model(model)
+    n = process.num_steps if stop_at is None else int(stop_at)
+    if not 0 < n <= process.num_steps:
+        raise SoctuneError(f"stop_at must be in 1..{process.num_steps}, got {stop_at}")
+    if x_init is None:
+        if batch_size is None or sample_shape is None:
+            raise SoctuneError("rollout needs x_init or both batch_size and sample_shape")
+        x = process.prior((batch_size, *sample_shape), generator=generator, device=device, dtype=dtype)
+    else:
+        x = x_init
+    if noises is not None and noises.shape[0] < n:
+        raise SoctuneError(f"replay has {noises.shape[0]} noise draws for {n} steps")
+
+    xs, means, x0s, stds, states, drawn = [x.detach()], [], [], [], [], []
+    state = process.init_state()
+    out: StepOutput | None = None
+    for k in range(n):
+        xi = noises[k] if noises is not None else torch.randn(
+            x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        states.append({key: v.detach() for key, v in state.items()})
+        if not grad.keeps_graph(k, n):
+            with torch.no_grad():
+                out = model_step(process, model, x, k, cond, state)
+                x_new = out.mean + out.std * xi
+        elif grad.mode == "all" and grad.checkpoint and torch.is_grad_enabled():
+            out, x_new = _checkpointed_step(process, model, x, k, cond, state, xi)
+        else:
+            out = model_step(process, model, x, k, cond, state)
+            x_new = out.mean + out.std * xi
+        state = out.state
+        x = x_new
+        xs.append(x.detach())
+        means.append(out.mean.detach())
+        stds.append(out.std.detach().reshape(()))
+        if out.x0 is not None:
+            x0s.append(out.x0.detach())
+        drawn.append(xi)
+        if callback is not None:
+            callback(k, x.detach())
+
+    assert out is not None
+    traj = Trajectory(
+        ts=process.ts[: n + 1].detach(), xs=torch.stack(xs), noises=torch.stack(drawn), means=torch.stack(means),
+        stds=torch.stack(stds), x0s=torch.stack(x0s) if len(x0s) == n else None, states=states, cond=cond,
+        prediction_type=model.prediction_type, x_final=x, x0_final=out.x0,
+    )
+    if reward_fn is not None:
+        traj.reward = reward_fn(x, cond)
+    return traj
+
+
+def _checkpointed_step(process: Process, model: Denoiser, x: Tensor, k: int, cond: Any,
+                       state: dict[str, Tensor], xi: Tensor) -> tuple[StepOutput, Tensor]:
+    keys = sorted(state)
+    next_keys: list[str] = []  # filled by the first (forward) execution of fn
+
+    def fn(x_in: Tensor, *state_vals: Tensor) -> tuple[Tensor, ...]:
+        o = model_step(process, model, x_in, k, cond, dict(zip(keys, state_vals)))
+        x0 = o.x0 if o.x0 is not None else torch.zeros_like(x_in)
+        next_keys[:] = sorted(o.state)
+        return (o.mean, o.std, x0, o.mean + o.std * xi, *[o.state[key] for key in next_keys])
+
+    mean, std, x0, x_new, *nxt = checkpoint(fn, x, *[state[key] for key in keys], use_reentrant=False)
+    return StepOutput(mean=mean, std=std, x0=x0, state=dict(zip(next_keys, nxt))), x_new
