@@ -41,7 +41,7 @@ class DDPM(GaussianPathProcess):
         num_steps: K inference steps; timesteps follow the config's ``timestep_spacing`` and
             ``steps_offset`` exactly as ``DDPMScheduler.set_timesteps``.
         scheduler_config: a diffusers DDPM/DDIM scheduler config (dict, file or folder);
-            ``None`` = diffusers' DDPMScheduler defaults.
+            ``None`` = diffusers' DDPMScheduler defaults with ``clip_sample=False``.
         noise_scale: DDIM η (1 = DDPM).
         kernel: ``"ddim"`` (exact) or ``"euler"``.
     """
@@ -52,7 +52,9 @@ class DDPM(GaussianPathProcess):
                  noise_scale: float = 1.0, kernel: str = "ddim", time_offset: float = 1e-3) -> None:
         from diffusers import DDPMScheduler
 
-        cfg = load_scheduler_config(scheduler_config)
+        # without a config, diffusers' defaults except clip_sample: clipping x̂₀ to [−1, 1] is an
+        # image-space heuristic that would corrupt any data outside that range
+        cfg = load_scheduler_config(scheduler_config) if scheduler_config is not None else {"clip_sample": False}
         cfg.pop("_class_name", None)
         cfg.pop("_diffusers_version", None)
         self._sched = DDPMScheduler.from_config(cfg)

@@ -1,0 +1,136 @@
+"""The :class:`Solver` interface and its registry.
+
+A solver turns rollouts of the fine-tuned model into losses. It sees a process only through
+its step kernel (mean map, std), time grid and prior, and the reward only as r(x, cond) -> [B].
+Each training iteration the :class:`~soctune.finetune.Finetuner` asks the solver for one or
+more (loss, metrics) pairs via :meth:`Solver.iteration` and takes one optimiser step per
+loss (several for PPO-style inner epochs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..models.base import Denoiser
+from ..registry import Registry, SoctuneError
+from ..sde.base import Process
+from ..trajectory import RewardFn
+
+SOLVERS: Registry[type["Solver"]] = Registry("solver")
+register_solver = SOLVERS.register
+
+CondSampler = Callable[[int, torch.Generator], Any]
+
+
+@dataclass
+class FinetuneContext:
+    """Everything a solver may use during an iteration.
+
+    model: the denoiser with its adaptation (``with model.base():`` gives the base).
+    reward: r(x [B,*S], cond) -> [B], differentiable, float32.
+    sample_shape: S. batch_size: B. cond_sampler: (B, generator) -> conditioning or None.
+    """
+
+    process: Process
+    model: Denoiser
+    reward: RewardFn
+    sample_shape: tuple[int, ...]
+    batch_size: int
+    generator: torch.Generator
+    cond_sampler: CondSampler | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    iteration: int = 0
+
+    def sample_cond(self) -> Any:
+        return None if self.cond_sampler is None else self.cond_sampler(self.batch_size, self.generator)
+
+
+@dataclass
+class LossOutput:
+    """loss: scalar tensor to minimise. metrics: floats for logging (reward_mean, …)."""
+
+    loss: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Solver(nn.Module):
+    """Base class of fine-tuning methods. Auxiliary networks (e.g. ∇-DB's flow-score head) are
+    sub-modules, so their parameters are optimised and checkpointed with the model's.
+
+    Args:
+        reward_scale: λ in p* ∝ p_base^η · exp(λ r).
+    """
+
+    registered_name: ClassVar[str] = "?"
+    #: the method samples the tilt only on memoryless processes (warn otherwise).
+    wants_memoryless: ClassVar[bool] = False
+    #: the method needs Gaussian steps with s_k > 0 / log-densities / model gradients.
+    needs_stochastic: ClassVar[bool] = False
+
+    def __init__(self, reward_scale: float = 1.0) -> None:
+        super().__init__()
+        if not reward_scale > 0:
+            raise SoctuneError(f"reward_scale (λ) must be > 0, got {reward_scale}")
+        self.reward_scale = float(reward_scale)
+
+    def check(self, process: Process, model: Denoiser) -> None:
+        """Raise :class:`SoctuneError` (one line) for an impossible pair; warn for a
+        possible one whose result is not the tilt."""
+        if self.needs_stochastic and all(
+                float(s) == 0 for s in _probe_stds(process)):
+            raise SoctuneError(
+                f"solver '{self.registered_name}' needs a stochastic process, but "
+                f"'{process.registered_name}' has zero noise; raise noise_scale or pick another process")
+
+    def setup(self, ctx: FinetuneContext) -> None:
+        """Build auxiliary networks once shapes are known (called before the first iteration)."""
+
+    def iteration(self, ctx: FinetuneContext) -> Iterator[LossOutput]:
+        """Yield the losses of one training iteration."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict[str, Any]:
+        """Solver state beyond parameters (e.g. previous-iterate buffers) for checkpoints."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def _probe_stds(process: Process) -> list[float]:
+    """Per-step stds of a process, independent of the model (probe with a zero prediction)."""
+    stds = []
+    x = torch.zeros(1, 1)
+    for k in range(process.num_steps):
+        pt = process.accepts[0]
+        try:
+            stds.append(float(process.step_kernel(x, k, torch.zeros_like(x), process.init_state(), pt).std))
+        except Exception:  # a kernel that needs a real prediction: assume stochastic
+            stds.append(1.0)
+    return stds
+
+
+def list_solvers() -> list[tuple[str, str]]:
+    """[(name, one-line description)] of every registered solver."""
+    _load_builtin()
+    return [(e.name, e.description) for e in SOLVERS.entries()]
+
+
+def get_solver(name: str, **options: Any) -> Solver:
+    """Build a registered solver (or ``"pkg.module:Class"``) with keyword options."""
+    _load_builtin()
+    return SOLVERS.build(name, **options)
+
+
+def _load_builtin() -> None:
+    import importlib
+    import pkgutil
+
+    from .. import solvers
+
+    for info in pkgutil.iter_modules(solvers.__path__):
+        importlib.import_module(f"{solvers.__name__}.{info.name}")
