@@ -1,0 +1,1 @@
+"""The `soctune` command (installed as the package ``soctune_cli``)."""

@@ -1,0 +1,78 @@
+"""Evaluation metrics: reward, diversity, prior preservation, distance to an exact target.
+
+All functions take plain tensors so they serve ``finetune``'s summary, ``soctune evaluate``
+and the benchmarks alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def mean_and_stderr(values: Tensor) -> tuple[float, float]:
+    """Sample mean and its standard error s/√n of values [n]."""
+    v = values.detach().double().flatten()
+    n = v.numel()
+    if n == 0:
+        return float("nan"), float("nan")
+    se = float(v.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+    return float(v.mean()), se
+
+
+def diversity(features: Tensor) -> float:
+    """Mean pairwise Euclidean distance between feature vectors [n, D] (n ≥ 2), over the
+    n(n−1)/2 distinct pairs. Identical samples give 0."""
+    f = features.detach().double().flatten(1)
+    n = f.shape[0]
+    if n < 2:
+        return 0.0
+    d = torch.cdist(f, f)
+    return float(d.sum() / (n * (n - 1)))
+
+
+def _sqrtm_psd(m: Tensor) -> Tensor:
+    vals, vecs = torch.linalg.eigh(0.5 * (m + m.T))
+    return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
+
+
+def frechet_distance(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> float:
+    """‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₁^{½} Σ₂ Σ₁^{½})^{½}) between two Gaussians (the FID formula),
+    computed through symmetric square roots so it stays real and ≥ 0."""
+    mu1, mu2, cov1, cov2 = (t.detach().double() for t in (mu1, mu2, cov1, cov2))
+    s1 = _sqrtm_psd(cov1)
+    cross = _sqrtm_psd(s1 @ cov2 @ s1)
+    val = (mu1 - mu2).pow(2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * torch.trace(cross)
+    return max(float(val), 0.0)
+
+
+def feature_frechet_distance(f1: Tensor, f2: Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets [n1, D], [n2, D]."""
+    f1, f2 = f1.detach().double().flatten(1), f2.detach().double().flatten(1)
+    return frechet_distance(f1.mean(0), torch.cov(f1.T).reshape(f1.shape[1], -1),
+                            f2.mean(0), torch.cov(f2.T).reshape(f2.shape[1], -1))
+
+
+def per_condition_frechet(f1: Tensor, c1: Tensor, f2: Tensor, c2: Tensor) -> float:
+    """Prior preservation as the papers' per-prompt FID: the Fréchet distance between
+    fine-tuned features f1 [n1, D] and base features f2 [n2, D] computed per condition label
+    (c1 [n1], c2 [n2]) and averaged over the conditions present in both."""
+    vals = []
+    for c in torch.unique(c1):
+        a, b = f1[c1 == c], f2[c2 == c]
+        if a.shape[0] > 1 and b.shape[0] > 1:
+            vals.append(feature_frechet_distance(a, b))
+    return float(sum(vals) / len(vals)) if vals else float("nan")
+
+
+def rejection_sample_tilt(base_samples: Tensor, rewards: Tensor, lam: float, r_max: float,
+                          generator: torch.Generator | None = None) -> Tensor:
+    """Exact samples of p* ∝ p_base·exp(λr) from base samples [n, *S] with rewards [n] ≤ r_max:
+    accept each with probability exp(λ(r − r_max)). Returns the accepted samples [m, *S]."""
+    if float(rewards.max()) > r_max + 1e-6:
+        raise ValueError(f"reward {float(rewards.max()):.4g} exceeds the stated bound r_max={r_max}")
+    p = torch.exp(lam * (rewards.double() - r_max)).clamp(max=1.0)
+    u = torch.rand(p.shape, generator=generator, dtype=torch.float64)
+    return base_samples[u < p]
