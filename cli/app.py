@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from enum import Enum
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -59,6 +60,212 @@ def list_cmd(what: ListWhat = typer.Argument(None, help="processes, solvers or r
         for name, desc in _rows(w):
             table.add_row(name, desc)
         console.print(table)
+
+
+# ------------------------------------------------------------------------------- progress
+class Reporter:
+    """Renders library events: a rich progress bar with ETA and a live metrics line on a TTY,
+    plain log lines otherwise (CI, files), nothing but errors with --quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.tty = console.is_terminal
+        self.progress = None
+        self.task = None
+        self.t0 = 0.0
+
+    def __call__(self, kind: str, p: dict) -> None:
+        import time
+
+        if self.quiet:
+            return
+        if kind == "start":
+            self.t0 = time.perf_counter()
+            if p.get("resumed_from"):
+                console.print(f"resuming at iteration {p['resumed_from']}")
+            if self.tty:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+                self.progress = Progress(TextColumn("[bold]finetune"), BarColumn(), MofNCompleteColumn(),
+                                         TimeRemainingColumn(), TextColumn("{task.fields[line]}"), console=console)
+                self.progress.start()
+                self.task = self.progress.add_task("finetune", total=p["iters"], completed=p.get("resumed_from", 0),
+                                                   line="")
+            self.total = p["iters"]
+        elif kind == "iteration":
+            line = (f"reward {p.get('reward_mean', float('nan')):+.4f} ± {p.get('reward_std', float('nan')):.3f}  "
+                    f"loss {p.get('loss', float('nan')):.4g}  |g| {p.get('grad_norm', float('nan')):.3g}")
+            if self.progress is not None:
+                self.progress.update(self.task, completed=p["step"], line=line)
+            else:
+                el = time.perf_counter() - self.t0
+                console.print(f"iter {p['step']}/{self.total}  {line}  ({el:.0f}s)", highlight=False)
+        elif kind in ("phase", "warning"):
+            self._stop()
+            console.print(("[yellow]warning:[/] " if kind == "warning" else "") + p["message"], highlight=False)
+        elif kind == "done":
+            self._stop()
+
+    def _stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def _summary_table(s: dict) -> Table:
+    t = Table(title="before → after (same seeds)", title_justify="left")
+    t.add_column("metric")
+    t.add_column("base", justify="right")
+    t.add_column("fine-tuned", justify="right")
+    b, a = s["before"], s["after"]
+    t.add_row("reward", f"{b['reward_mean']:.4f} ± {b['reward_se']:.4f}", f"{a['reward_mean']:.4f} ± {a['reward_se']:.4f}")
+    t.add_row("diversity (features)", f"{b['diversity']:.3f}", f"{a['diversity']:.3f}")
+    if "target_share" in b:
+        t.add_row("share of target digit", f"{b['target_share']:.1%}", f"{a['target_share']:.1%}")
+        t.add_row("pixel spread of target digit", f"{b['target_spread_pixels']:.3f}", f"{a['target_spread_pixels']:.3f}")
+    t.add_row("prior preservation (Fréchet)", "0", f"{s['prior_preservation_frechet']:.3f}")
+    fid = s.get("target_fidelity") or {}
+    if "sw_to_target" in fid:
+        t.add_row("distance to exact tilt (SW)", f"{fid['sw_base_to_target']:.3f}", f"{fid['sw_to_target']:.3f}")
+    return t
+
+
+def _resolve_config(config: Path | None, flags: dict, sets: list[str]) -> dict:
+    from soctune import config as cfgmod
+
+    cfg = cfgmod.defaults()
+    if config is not None:
+        cfg = cfgmod.merge(cfg, cfgmod.load_yaml(config))
+    for key, val in flags.items():
+        if val is None:
+            continue
+        sec, _, name = key.partition(".")
+        cfg = cfgmod.merge(cfg, {sec: val} if not name else {sec: {name: val}})
+    for item in sets:
+        cfg = cfgmod.merge(cfg, cfgmod.parse_set(item))
+    return cfgmod.validate(cfg)
+
+
+# ------------------------------------------------------------------------------- commands
+@app.command()
+def finetune(
+    process: str = typer.Option(None, "--process", "-p", help="generative process (soctune list processes); default fm-memoryless"),
+    solver: str = typer.Option(None, "--solver", "-s", help="fine-tuning method (soctune list solvers); default adjoint-matching"),
+    model: str = typer.Option(None, "--model", "-m", help="diffusers folder or hub id; default: the shipped digits model for the process"),
+    reward: str = typer.Option(None, "--reward", "-r", help="reward spec NAME[:ARG] (soctune list rewards); default digit:3"),
+    reward_scale: float = typer.Option(None, "--reward-scale", help="λ: target ∝ p_base·exp(λ·reward)"),
+    iters: int = typer.Option(None, "--iters", help="training iterations"),
+    num_steps: int = typer.Option(None, "--num-steps", help="sampling steps K of the process"),
+    batch_size: int = typer.Option(None, "--batch-size", help="trajectories per iteration"),
+    lr: float = typer.Option(None, "--lr", help="learning rate"),
+    seed: int = typer.Option(None, "--seed", help="random seed"),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config (see configs/); flags and --set override it"),
+    set_: list[str] = typer.Option([], "--set", help="override any config key, e.g. solver.lambda=2 or train.iters=50"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its newest valid checkpoint"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the final summary path"),
+) -> None:
+    """Fine-tune a model on a reward. Writes config.yaml, metrics.jsonl, before/after sample
+    grids, reward.png, lora/, checkpoints/ and summary.json into --out."""
+    from soctune.run import finetune_run
+
+    flags = {"process.name": process, "solver.name": solver, "model.path": model, "reward": reward,
+             "solver.reward_scale": reward_scale, "train.iters": iters, "process.num_steps": num_steps,
+             "train.batch_size": batch_size, "train.lr": lr, "train.seed": seed}
+    cfg = _resolve_config(config, flags, set_)
+    summary = finetune_run(cfg, out, resume=resume, on_event=Reporter(quiet))
+    if not quiet:
+        console.print(_summary_table(summary))
+    console.print(f"wrote {out}/ (summary.json, samples_compare.png, lora/)")
+
+
+def _parse_lora(spec: str) -> tuple[str, float]:
+    folder, sep, scale = spec.rpartition(":")
+    if sep and folder:
+        try:
+            return folder, float(scale)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+@app.command()
+def sample(
+    model: str = typer.Option(None, "--model", "-m", help="diffusers folder or hub id; default the shipped digits model"),
+    lora: list[str] = typer.Option([], "--lora", help="LoRA folder[:SCALE]; repeat to mix several"),
+    process: str = typer.Option("fm-memoryless", "--process", "-p", help="process to sample with"),
+    num_steps: int = typer.Option(50, "--num-steps", help="sampling steps"),
+    noise_scale: float = typer.Option(None, "--noise-scale", help="σ multiplier (1 = the process's SDE, 0 = probability-flow ODE)"),
+    n: int = typer.Option(64, "--n", help="number of samples"),
+    seed: int = typer.Option(0, "--seed"),
+    prompt: list[str] = typer.Option([], "--prompt", help="prompt(s) for text-conditional models"),
+    guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="classifier-free guidance scale"),
+    out: Path = typer.Option(..., "--out", "-o"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Sample a model (optionally with LoRAs) into samples.npz (x: float32 [N,C,H,W] in [-1,1]) and grid.png."""
+    from soctune.run import sample_run
+
+    if n < 1:
+        raise SoctuneError(f"--n must be ≥ 1, got {n}")
+    loras = [_parse_lora(s) for s in lora]
+    if quiet or not console.is_terminal:
+        path = sample_run(model=model, process=process, loras=loras, num_steps=num_steps, noise_scale=noise_scale,
+                          n=n, seed=seed, out=out, prompts=prompt or None, guidance_scale=guidance_scale)
+    else:
+        from rich.progress import Progress
+
+        with Progress(console=console) as prog:
+            task = prog.add_task("sample", total=n)
+            path = sample_run(model=model, process=process, loras=loras, num_steps=num_steps, noise_scale=noise_scale,
+                              n=n, seed=seed, out=out, prompts=prompt or None, guidance_scale=guidance_scale,
+                              on_event=lambda k, p: prog.update(task, completed=p["done"]) if k == "batch" else None)
+    if not quiet:
+        console.print(f"wrote {path}/samples.npz and {path}/grid.png")
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Argument(..., help="a finetune output folder (uses its config.yaml and lora/)"),
+    n: int = typer.Option(256, "--n", help="samples per model"),
+    seed: int = typer.Option(1234, "--seed"),
+) -> None:
+    """Metrics of a fine-tuned run vs its base model on the same seeds (reward, diversity,
+    prior preservation, distance to the exact tilt)."""
+    import json
+
+    from soctune import config as cfgmod
+    from soctune.run import build, evaluate_pair
+
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise SoctuneError(f"'{run}' is not a finetune output folder (no config.yaml); pass the --out of a run")
+    cfg = cfgmod.validate(cfgmod.load_yaml(cfg_path))
+    cfg["model"]["lora_rank"] = cfg["model"]["lora_rank"]
+    b = build(cfg)
+    if (run / "lora").is_dir():
+        from soctune.models import lora as lora_mod
+
+        lora_mod.delete_lora(b.loaded, lora_mod.TRAIN_ADAPTER)
+        b.loaded.load_lora(run / "lora", adapter_name=lora_mod.TRAIN_ADAPTER)
+    summary, _, _ = evaluate_pair(b, n, seed)
+    console.print(_summary_table(summary))
+    (run / "evaluation.json").write_text(json.dumps(summary, indent=2))
+    console.print(f"wrote {run}/evaluation.json")
+
+
+@app.command()
+def pretrain(
+    out: Path = typer.Option(None, "--out", "-o", help="where to write the models (default: the package's shipped assets)"),
+    seed: int = typer.Option(0, "--seed"),
+    steps: int = typer.Option(2500, "--steps", help="training steps of each UNet"),
+) -> None:
+    """Reproduce the shipped digits models (DDPM ε-model, flow velocity model, classifier)."""
+    from soctune.models.digits import ASSETS_DIR, pretrain_all
+
+    paths = pretrain_all(out or ASSETS_DIR, seed=seed, steps=steps)
+    for kind, p in paths.items():
+        console.print(f"{kind}: {p}")
 
 
 def main() -> None:

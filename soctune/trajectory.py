@@ -189,12 +189,14 @@ def _checkpointed_step(process: Process, model: Denoiser, x: Tensor, k: int, con
                        state: dict[str, Tensor], xi: Tensor) -> tuple[StepOutput, Tensor]:
     keys = sorted(state)
     next_keys: list[str] = []  # filled by the first (forward) execution of fn
+    has_x0: list[bool] = []  # checkpoint outputs must be tensors; remember whether x0 was None
 
     def fn(x_in: Tensor, *state_vals: Tensor) -> tuple[Tensor, ...]:
         o = model_step(process, model, x_in, k, cond, dict(zip(keys, state_vals)))
         x0 = o.x0 if o.x0 is not None else torch.zeros_like(x_in)
         next_keys[:] = sorted(o.state)
+        has_x0[:] = [o.x0 is not None]
         return (o.mean, o.std, x0, o.mean + o.std * xi, *[o.state[key] for key in next_keys])
 
     mean, std, x0, x_new, *nxt = checkpoint(fn, x, *[state[key] for key in keys], use_reentrant=False)
-    return StepOutput(mean=mean, std=std, x0=x0, state=dict(zip(next_keys, nxt))), x_new
+    return StepOutput(mean=mean, std=std, x0=x0 if has_x0[0] else None, state=dict(zip(next_keys, nxt))), x_new

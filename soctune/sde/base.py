@@ -91,6 +91,12 @@ class Process(nn.Module):
                 f"process '{self.registered_name}' cannot use prediction type '{pt}'; "
                 f"it accepts {', '.join(self.accepts)} — pick a matching process or model"
             )
+        # a model that knows its training noise path (diffusers models) vetoes a process on another
+        # path that the prediction type alone lets through: an x̂₀-prediction VP model on the flow
+        # path, or a ddpm process built on other betas than the model's scheduler config
+        hook = getattr(model, "check_process", None)
+        if callable(hook):
+            hook(self)
 
     def step_kernel(self, x: Tensor, k: int, pred: Tensor, state: dict[str, Tensor],
                     prediction_type: str) -> StepOutput:

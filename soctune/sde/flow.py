@@ -34,7 +34,9 @@ class FlowMatchingMemoryless(GaussianPathProcess):
         mu: the resolution-dependent shift of configs with ``use_dynamic_shifting`` (Flux).
     """
 
-    accepts = ("velocity", "epsilon", "sample")
+    # not "epsilon": the grid starts at t = 0 (α = 0), where x = ε and an ε-prediction says
+    # nothing about x̂₁ (its conversion divides by α = 0)
+    accepts = ("velocity", "sample")
 
     def __init__(self, num_steps: int = 50, scheduler_config: dict[str, Any] | str | Path | None = None,
                  noise_scale: float = 1.0, kernel: str = "ddim", time_offset: float = 1e-3,

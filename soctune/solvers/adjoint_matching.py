@@ -1,0 +1,301 @@
+"""Adjoint Matching (Domingo-Enrich, Drozdzal, Karrer, Chen 2024), on the trajectory interface.
+
+The fine-tuned chain x_{k+1} = m_θ(x_k) + s_k ξ_k differs from the base chain only through its
+means, so each stochastic step carries the control u_k = (m_θ(x_k) − m_base(x_k)) / s_k and the
+KL (control cost) ½‖u_k‖². The SOC problem
+
+    J(θ) = E[Σ_k ½‖u_k‖² − λ r(x_K)]  ≥  −log E_base[exp(λ r(x_K))] = −log Z
+
+is minimised by the path measure p_base(x_{0:K})·exp(λ r(x_K))/Z; when the base chain is
+memoryless (x_0 independent of x_K) its last marginal is the tilt p_base·exp(λ r)/Z.
+
+Lean adjoint (no graph kept, one VJP per step through the BASE mean map, base model without
+classifier-free guidance):
+
+    ã_K = −λ ∇r(x_K),   ã_k = ∇_{x_k} ⟨m_base(x_k), ã_{k+1}⟩.
+
+Loss (regression of the control on the adjoint, over stochastic steps k):
+
+    L = Σ_k ‖u_k + s_k ã_{k+1}‖².
+
+Why this target is exact for the discrete chain: the optimal kernel at step k is
+p*(x_{k+1} | x_k) ∝ N(x_{k+1}; m_base, s_k²) e^{−V_{k+1}(x_{k+1})}, whose mean is (Stein's
+lemma) m_base − s_k² E*[∇V_{k+1}(x_{k+1}) | x_k]; and ∇V_{k+1}(x) = E*[ã_{k+1} | x_{k+1} = x]
+because ã is the pathwise (reparameterised, noise ξ + u held fixed) gradient of −λ r through the
+base chain. So the minimiser u_k = −s_k E[ã_{k+1} | x_k] matches the mean of the optimal kernel.
+In continuous time s_k ≈ σ√Δt and u_k ≈ u√Δt, so the sum is the Riemann sum of the paper's
+½∫‖u + σᵀã‖²dt (up to the factor ½): every step gets weight 1 (and the random sub-sample is
+reweighted to keep the estimator unbiased).
+
+The ``basic`` variant uses the full adjoint of the current control's cost instead,
+a_k = ∇_{x_k}[⟨m_θ(x_k), a_{k+1}⟩ + ½‖u_k(x_k)‖²] (fine-tuned mean map, running cost), which has
+the same fixed point but more variance and twice the model evaluations per step.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal
+
+import torch
+from torch import Tensor
+
+from ..models.base import Denoiser
+from ..registry import SoctuneError
+from ..sde.base import Process
+from ..trajectory import GradSpec, Trajectory, model_step, rollout
+from .base import FinetuneContext, LossOutput, Solver, register_solver
+
+
+@dataclass
+class AdjointPass:
+    """Result of the backward sweep over a trajectory of K steps.
+
+    adjoints: [K+1, B, *S] (ã_0 … ã_K, ã_K = −λ∇r(x_K)). base_means: [K, B, *S], m_base(x_k)
+    on the recorded states (detached). reward: [B] r(x_K) in float32.
+    """
+
+    adjoints: Tensor
+    base_means: Tensor
+    reward: Tensor
+
+
+@register_solver("adjoint-matching",
+                 "Adjoint Matching (lean or basic): regress the control on the adjoint; samples p_base·e^{λr} on memoryless processes")
+class AdjointMatching(Solver):
+    """Adjoint Matching on any process's Gaussian step kernel (see the module docstring).
+
+    Args:
+        reward_scale: λ.
+        variant: ``"lean"`` (adjoint through the base mean map, the paper's method) or
+            ``"basic"`` (adjoint through the fine-tuned mean map plus the running control cost).
+        num_loss_steps: how many stochastic steps enter the loss per iteration: ``None`` = all;
+            otherwise ``num_last_steps`` last stochastic steps always plus random ones from the
+            rest up to this total, reweighted so the loss stays an unbiased estimate of the sum.
+        num_last_steps: the last stochastic steps always in the loss (the paper uses the last
+            ones, where the control is largest relative to the noise).
+        loss_clip: per-sample bound on the loss (0 = off); above it the sample's loss is scaled
+            down to the bound, which keeps its gradient direction but bounds its size.
+        reward_grad_clip: per-sample bound on ‖∇r(x_K)‖ (0 = off).
+        step_weighting: ``"am"`` weighs every step 1 (the AM loss itself); ``"prediction"`` weighs
+            step k by (s_k/c_k)², c_k = ∂m_k/∂pred, i.e. a uniform regression of the model
+            prediction on its target pred_base − s_k² ã_{k+1}/c_k. Same minimiser, far better
+            conditioned when the s_k span decades (the DDIM kernel's last stochastic step has s ≈ 0.001).
+        bootstrap: β ∈ [0, 1], variance reduction of the adjoint (0 = the plain adjoint). Before
+            each VJP the propagated vector a_{k+1} is mixed with the current control's estimate of
+            its conditional mean, v_k = (1 − β_k) a_{k+1} + β_k (−u_k(x_k)/s_k), β_k = β min(1, ρ_k/median ρ), ρ_k = s_k²/|∂m_k/∂pred|
+            (a TD(λ)-style return). The fixed point is unchanged (at the optimum E[a_{k+1} | x_k] =
+            −u_k/s_k exactly), but the heavy tail of the pathwise adjoint — rare paths that pass
+            near the watershed between modes carry most of its mean — is damped geometrically.
+    """
+
+    wants_memoryless = True
+    needs_stochastic = True
+
+    def __init__(self, reward_scale: float = 1.0, variant: Literal["lean", "basic"] = "lean",
+                 num_loss_steps: int | None = None, num_last_steps: int = 0, loss_clip: float = 0.0,
+                 reward_grad_clip: float = 0.0, step_weighting: Literal["am", "prediction"] = "am",
+                 bootstrap: float = 0.0) -> None:
+        super().__init__(reward_scale)
+        if variant not in ("lean", "basic"):
+            raise SoctuneError(f"variant must be 'lean' or 'basic', got '{variant}'")
+        if num_loss_steps is not None and int(num_loss_steps) < 1:
+            raise SoctuneError(f"num_loss_steps must be ≥ 1 or None (all steps), got {num_loss_steps}")
+        if int(num_last_steps) < 0:
+            raise SoctuneError(f"num_last_steps must be ≥ 0, got {num_last_steps}")
+        if num_loss_steps is not None and int(num_last_steps) > int(num_loss_steps):
+            raise SoctuneError(f"num_last_steps ({num_last_steps}) exceeds num_loss_steps ({num_loss_steps})")
+        if not 0.0 <= bootstrap <= 1.0:
+            raise SoctuneError(f"bootstrap must be in [0, 1], got {bootstrap}")
+        if loss_clip < 0 or reward_grad_clip < 0:
+            raise SoctuneError("loss_clip and reward_grad_clip must be ≥ 0 (0 = off)")
+        if step_weighting not in ("am", "prediction"):
+            raise SoctuneError(f"step_weighting must be 'am' or 'prediction', got '{step_weighting}'")
+        self.variant = variant
+        self.step_weighting = step_weighting
+        self.bootstrap = float(bootstrap)
+        self.num_loss_steps = None if num_loss_steps is None else int(num_loss_steps)
+        self.num_last_steps = int(num_last_steps)
+        self.loss_clip = float(loss_clip)
+        self.reward_grad_clip = float(reward_grad_clip)
+
+    # ---- checks ------------------------------------------------------------------------------
+    def check(self, process: Process, model: Denoiser) -> None:
+        super().check(process, model)
+        if not process.memoryless:
+            warnings.warn(
+                f"adjoint-matching on the non-memoryless process '{process.registered_name}' solves the SOC "
+                "problem min E[Σ½‖u‖² − λr] but its samples are NOT the reward tilt p_base·exp(λr); "
+                "use a memoryless process (fm-memoryless or ddpm with noise_scale=1) for the tilt",
+                stacklevel=2)
+
+    # ---- adjoint --------------------------------------------------------------------------------
+    def terminal_adjoint(self, ctx: FinetuneContext, x: Tensor, cond: Any) -> tuple[Tensor, Tensor]:
+        """ã_K = −λ∇r(x_K) (reward and gradient in float32, optionally norm-clipped per sample).
+
+        x: [B, *S]. Returns (ã_K [B, *S] in x's dtype, r(x_K) [B] float32)."""
+        with torch.enable_grad():
+            xf = x.detach().float().requires_grad_(True)
+            r = ctx.reward(xf, cond)
+            if r.shape != (x.shape[0],):
+                raise SoctuneError(f"the reward must return one value per sample [B]={x.shape[0]}, got {tuple(r.shape)}")
+            (g,) = torch.autograd.grad(r.sum(), xf)
+        if self.reward_grad_clip > 0:
+            norm = g.flatten(1).norm(dim=1).clamp(min=1e-12)
+            g = g * (self.reward_grad_clip / norm).clamp(max=1.0).reshape(-1, *[1] * (g.dim() - 1))
+        return (-self.reward_scale * g).to(x.dtype), r.detach()
+
+    def adjoint_pass(self, ctx: FinetuneContext, traj: Trajectory, variant: str | None = None) -> AdjointPass:
+        """Backward sweep k = K−1 … 0 over the recorded states, one VJP per step, no graph kept.
+
+        lean:  ã_k = ∇_{x_k}⟨m_base(x_k), ã_{k+1}⟩.
+        basic: a_k = ∇_{x_k}[⟨m_θ(x_k), a_{k+1}⟩ + ½‖(m_θ(x_k) − m_base(x_k))/s_k‖²] (the cost term on
+        stochastic steps only). Process state (e.g. a multistep solver's previous x̂₁) is the
+        recorded one, held constant.
+        """
+        variant = variant or self.variant
+        model = ctx.model.unguided()
+        process = ctx.process
+        a, reward = self.terminal_adjoint(ctx, traj.xs[-1], traj.cond)
+        K = traj.num_steps
+        mix = self.bootstrap_weights(process, traj) if self.bootstrap > 0 else None
+        adjoints: list[Tensor] = [a]
+        base_means: list[Tensor] = [torch.empty(0)] * K
+        for k in range(K - 1, -1, -1):
+            s = float(traj.stds[k])
+            with torch.enable_grad():
+                x = traj.xs[k].detach().requires_grad_(True)
+                with model.base():
+                    m_base = model_step(process, model, x, k, traj.cond, traj.states[k]).mean
+                m_ft = None
+                if variant == "basic":
+                    m_ft = model_step(process, model, x, k, traj.cond, traj.states[k]).mean
+                v = a
+                if mix is not None and mix[k] > 0:
+                    # the current control's own estimate of E[a_{k+1} | x_k]: u_k = −s_k E[a_{k+1} | x_k]
+                    m_theta = traj.means[k] if m_ft is None else m_ft.detach()
+                    v = (1 - mix[k]) * a - mix[k] * (m_theta - m_base.detach()) / s**2
+                if m_ft is None:
+                    objective = (m_base * v).sum()
+                else:
+                    objective = (m_ft * v).sum()
+                    if s > 0:
+                        objective = objective + 0.5 * ((m_ft - m_base) / s).pow(2).sum()
+                (g,) = torch.autograd.grad(objective, x, allow_unused=True)
+            # a mean map that ignores x_k (first step of a memoryless chain) has zero Jacobian
+            a = torch.zeros_like(a) if g is None else g.detach()
+            adjoints.append(a)
+            base_means[k] = m_base.detach()
+        adjoints.reverse()
+        return AdjointPass(torch.stack(adjoints), torch.stack(base_means), reward)
+
+    def bootstrap_weights(self, process: Process, traj: Trajectory) -> list[float]:
+        """β_k = β · min(1, ρ_k / median_j ρ_j) with ρ_k = s_k²/|c_k| (0 on deterministic steps).
+
+        The bootstrap −u_k/s_k = −c_k·δpred/s_k² turns an error δ of the learned prediction into
+        an adjoint error c_k δ/s_k² = δ/ρ_k, so it is trusted less where ρ_k is small: near the end
+        of the chain, and above all on the DDIM kernel's last stochastic step (s ≈ 1e-3)."""
+        coef = self.prediction_coefficients(process, traj).abs()
+        rho = [float(traj.stds[k]) ** 2 / max(float(coef[k]), 1e-30) for k in range(traj.num_steps)]
+        positive = sorted(v for v in rho if v > 0)
+        if not positive:
+            return [0.0] * len(rho)
+        ref = positive[len(positive) // 2]
+        return [self.bootstrap * min(1.0, v / ref) for v in rho]
+
+    def lean_adjoint(self, ctx: FinetuneContext, traj: Trajectory) -> Tensor:
+        """The lean adjoint ã_0 … ã_K, [K+1, B, *S] (equals −λ∇_{x_k} r(x_K) through a base-model
+        replay of the trajectory's noise)."""
+        return self.adjoint_pass(ctx, traj, "lean").adjoints
+
+    def basic_adjoint(self, ctx: FinetuneContext, traj: Trajectory) -> Tensor:
+        """The basic (full-cost) adjoint a_0 … a_K of the current control, [K+1, B, *S]."""
+        return self.adjoint_pass(ctx, traj, "basic").adjoints
+
+    # ---- loss -----------------------------------------------------------------------------------
+    def loss_steps(self, stochastic: list[int], generator: torch.Generator) -> list[tuple[int, float]]:
+        """(step, weight) pairs: the last ``num_last_steps`` stochastic steps with weight 1, plus a
+        uniform random subset of the rest with weight (#rest / #drawn), so Σ_selected w_k f_k is
+        an unbiased estimate of Σ_k f_k."""
+        n = len(stochastic)
+        if self.num_loss_steps is None or self.num_loss_steps >= n:
+            return [(k, 1.0) for k in stochastic]
+        n_last = min(self.num_last_steps, n)
+        last = stochastic[n - n_last:]
+        rest = stochastic[: n - n_last]
+        n_rand = min(self.num_loss_steps - n_last, len(rest))
+        picked: list[tuple[int, float]] = []
+        if n_rand > 0:
+            idx = torch.randperm(len(rest), generator=generator)[:n_rand].tolist()
+            picked = [(rest[i], len(rest) / n_rand) for i in sorted(idx)]
+        return picked + [(k, 1.0) for k in last]
+
+    @staticmethod
+    def prediction_coefficients(process: Process, traj: Trajectory) -> Tensor:
+        """c_k = ∂m_k/∂pred, [K] float64: the (affine) step kernel's response to a unit change of
+        the model prediction, probed on the first recorded state of each step."""
+        out = []
+        for k in range(traj.num_steps):
+            x = traj.xs[k][:1]
+            m0 = process.step_kernel(x, k, torch.zeros_like(x), traj.states[k], traj.prediction_type).mean
+            m1 = process.step_kernel(x, k, torch.ones_like(x), traj.states[k], traj.prediction_type).mean
+            out.append(float((m1 - m0).double().mean()))
+        return torch.tensor(out, dtype=torch.float64)
+
+    def step_weights(self, process: Process, traj: Trajectory, stochastic: list[int]) -> dict[int, float]:
+        """Per-step loss weights (mean 1 over the stochastic steps)."""
+        if self.step_weighting == "am":
+            return {k: 1.0 for k in stochastic}
+        coef = self.prediction_coefficients(process, traj)
+        raw = {k: (float(traj.stds[k]) / max(abs(float(coef[k])), 1e-12)) ** 2 for k in stochastic}
+        mean = sum(raw.values()) / len(raw)
+        return {k: v / mean for k, v in raw.items()}
+
+    def iteration(self, ctx: FinetuneContext) -> Iterator[LossOutput]:
+        model = ctx.model.unguided()
+        cond = ctx.sample_cond()
+        with torch.no_grad():
+            traj = rollout(ctx.process, model, batch_size=ctx.batch_size, sample_shape=ctx.sample_shape,
+                           cond=cond, generator=ctx.generator, grad=GradSpec.none(), device=ctx.device)
+        stochastic = traj.stochastic_steps()
+        if not stochastic:
+            raise SoctuneError("adjoint-matching needs stochastic steps; this rollout has none (raise noise_scale)")
+        sweep = self.adjoint_pass(ctx, traj)
+        adj = sweep.adjoints
+
+        # control cost of the sampled chain (free: the rollout recorded the fine-tuned means)
+        cost = torch.zeros(traj.batch_size, dtype=torch.float64, device=traj.xs.device)
+        for k in stochastic:
+            u = (traj.means[k] - sweep.base_means[k]) / traj.stds[k]
+            cost += 0.5 * u.flatten(1).double().pow(2).sum(1)
+
+        per_sample = torch.zeros(traj.batch_size, dtype=traj.xs.dtype, device=traj.xs.device)
+        step_w = self.step_weights(ctx.process, traj, stochastic)
+        for k, w in self.loss_steps(stochastic, ctx.generator):
+            w = w * step_w[k]
+            s = traj.stds[k]
+            m_ft = model_step(ctx.process, model, traj.xs[k], k, cond, traj.states[k]).mean
+            u = (m_ft - sweep.base_means[k]) / s
+            resid = u + s * adj[k + 1]
+            per_sample = per_sample + w * resid.flatten(1).pow(2).sum(1)
+        # per-step average: the scale stays comparable across K and step sub-sampling
+        per_sample = per_sample / len(stochastic)
+        if self.loss_clip > 0:
+            scale = (self.loss_clip / per_sample.detach().clamp(min=1e-30)).clamp(max=1.0)
+            per_sample = per_sample * scale
+        loss = per_sample.mean()
+
+        lam_r = self.reward_scale * sweep.reward.double()
+        metrics = {
+            "reward_mean": float(sweep.reward.mean()),
+            "reward_std": float(sweep.reward.std()) if traj.batch_size > 1 else 0.0,
+            "control_cost": float(cost.mean()),
+            "soc_cost": float((cost - lam_r).mean()),
+            "adjoint_norm": float(adj.flatten(2).norm(dim=2).mean()),
+            "terminal_adjoint_norm": float(adj[-1].flatten(1).norm(dim=1).mean()),
+        }
+        if not math.isfinite(metrics["soc_cost"]):
+            metrics["soc_cost"] = float("nan")
+        yield LossOutput(loss=loss, metrics=metrics)

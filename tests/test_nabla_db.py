@@ -1,0 +1,146 @@
+"""Residual ∇-DB: score formulas, sub-sampling, residuals at the base, and short training runs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from soctune.finetune import Finetuner, TrainConfig
+from soctune.models.base import CorrectedDenoiser
+from soctune.models.gmm import GaussianMixtureDenoiser, two_mode_mixture
+from soctune.registry import SoctuneError
+from soctune.rewards.base import LinearReward
+from soctune.sde import Process, get_process, list_processes
+from soctune.solvers import get_solver
+from soctune.solvers.base import FinetuneContext
+from soctune.solvers.nabla_db import (forward_score, make_gamma, reverse_score, subsample_transitions,
+                                      terminal_index)
+from soctune.trajectory import model_step, rollout
+
+PROCESSES = [("ddpm", "epsilon"), ("fm-memoryless", "velocity")]
+if "dpmpp-sde" in dict(list_processes()):
+    PROCESSES.append(("dpmpp-sde", "epsilon"))
+
+
+def _setup(process_name: str, pred_type: str, num_steps: int = 8, batch: int = 16, **solver_options):
+    torch.manual_seed(0)
+    process = get_process(process_name, num_steps=num_steps)
+    model = CorrectedDenoiser(GaussianMixtureDenoiser(two_mode_mixture(), process, pred_type), dim=2,
+                              hidden=32, depth=2)
+    solver = get_solver("nabla-db", **solver_options)
+    ctx = FinetuneContext(process=process, model=model, reward=LinearReward([0.5, 0.0]), sample_shape=(2,),
+                          batch_size=batch, generator=torch.Generator().manual_seed(0))
+    solver.setup(ctx)
+    solver._gamma_fn = make_gamma(process, solver.gamma_spec)
+    traj = rollout(process, model, batch_size=batch, sample_shape=(2,), generator=torch.Generator().manual_seed(1))
+    return process, model, solver, ctx, traj
+
+
+@pytest.mark.parametrize("process_name,pred_type", PROCESSES)
+def test_closed_form_scores_match_autograd_of_log_prob(process_name: str, pred_type: str) -> None:
+    process, model, _, _, traj = _setup(process_name, pred_type)
+    for k in traj.stochastic_steps():
+        x = traj.xs[k].clone().requires_grad_(True)
+        x_next = traj.xs[k + 1].clone().requires_grad_(True)
+        out = model_step(process, model, x, k, None, traj.states[k])
+        logp = Process.log_prob(x_next, out.mean, out.std).sum()
+        g_next, g_x = torch.autograd.grad(logp, [x_next, x])
+        closed = forward_score(x_next.detach(), out.mean.detach(), out.std)
+        # compared in units of 1/s (the scores are O(1/s)); float32 rounding is ~1e-6 there
+        s = float(out.std)
+        torch.testing.assert_close(closed * s, g_next * s, rtol=1e-5, atol=1e-5)
+        x2 = traj.xs[k].clone().requires_grad_(True)
+        out2 = model_step(process, model, x2, k, None, traj.states[k])
+        torch.testing.assert_close(reverse_score(traj.xs[k + 1], out2.mean, out2.std, x2), g_x, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("process_name,pred_type", PROCESSES)
+def test_residuals_vanish_at_the_base(process_name: str, pred_type: str) -> None:
+    """Model = base (zero-initialised correction), g_φ zero-initialised: both residual scores
+    are exactly zero, so the loss reduces to the forward-looking flow term."""
+    _, _, solver, ctx, traj = _setup(process_name, pred_type)
+    idx = torch.arange(traj.batch_size)
+    for k in traj.stochastic_steps():
+        res = solver.residual_scores(ctx, traj, k, None, idx, reverse=True)
+        assert float(res["forward"].detach().abs().max()) == 0.0
+        assert float(res["reverse"].detach().abs().max()) == 0.0
+        tb = torch.full((traj.batch_size,), float(traj.ts[k]))
+        assert float(solver.flow(traj.xs[k], tb).detach().abs().max()) == 0.0
+
+
+def test_residual_scores_see_the_fine_tuned_mean() -> None:
+    """Shift the correction: the forward residual becomes (m_θ − m_base)/s² (η = 1)."""
+    process, model, solver, ctx, traj = _setup("ddpm", "epsilon")
+    with torch.no_grad():
+        model.correction.out.bias.fill_(0.3)
+    k = traj.stochastic_steps()[2]
+    res = solver.residual_scores(ctx, traj, k, None, torch.arange(traj.batch_size), reverse=True)
+    m_ft = model_step(process, model, traj.xs[k], k, None, {}).mean
+    with model.base():
+        m_b = model_step(process, model, traj.xs[k], k, None, {}).mean
+    torch.testing.assert_close(res["forward"], (m_ft - m_b) / traj.stds[k] ** 2, rtol=1e-4, atol=1e-4)
+    assert float(res["reverse"].detach().abs().max()) > 0
+
+
+def test_subsample_always_contains_the_last_stochastic_transition() -> None:
+    gen = torch.Generator().manual_seed(0)
+    stochastic = list(range(49))
+    for transitions in (1, 2, 5, 0.1, 0.25, 1.0):
+        for stratified in (True, False):
+            for _ in range(50):
+                ks = subsample_transitions(stochastic, transitions, gen, stratified)
+                assert ks[-1] == 48 and ks == sorted(set(ks))
+                expected = transitions if isinstance(transitions, int) else max(1, round(transitions * 49))
+                assert len(ks) == expected
+    # DDPM's last step is deterministic: the last stochastic transition is K−2, the terminal state x_{K−1}
+    _, _, _, _, traj = _setup("ddpm", "epsilon", num_steps=10)
+    assert traj.stochastic_steps()[-1] == 8 and terminal_index(traj) == 9
+
+
+@pytest.mark.parametrize("process_name,pred_type", PROCESSES)
+def test_two_iterations_give_finite_losses(process_name: str, pred_type: str) -> None:
+    process = get_process(process_name, num_steps=10)
+    model = CorrectedDenoiser(GaussianMixtureDenoiser(two_mode_mixture(), process, pred_type), dim=2,
+                              hidden=32, depth=2)
+    solver = get_solver("nabla-db", transitions=4, inner_steps=2, reg_weight=1.0)
+    ft = Finetuner(process, model, solver, LinearReward([0.5, 0.0]), (2,), TrainConfig(iters=2, batch_size=16, lr=1e-2))
+    hist = ft.train()
+    assert len(hist) == 2
+    for h in hist:
+        assert h["updates"] == 2.0
+        for key in ("loss", "loss_forward", "loss_reverse", "loss_terminal", "reward_mean", "reward_std"):
+            assert math.isfinite(h[key]), (key, h)
+    # after the first update the trust-region term sees the moved policy
+    assert hist[-1]["loss_reg"] > 0
+    # the flow network is trained with the model
+    assert any(float(p.abs().max()) > 0 for p in solver.flow.net.out.parameters())
+
+
+def test_no_flow_variant_has_no_flow_network() -> None:
+    process = get_process("ddpm", num_steps=8)
+    model = CorrectedDenoiser(GaussianMixtureDenoiser(two_mode_mixture(), process, "epsilon"), dim=2,
+                              hidden=32, depth=2)
+    solver = get_solver("nabla-db", no_flow=True, transitions=3)
+    ft = Finetuner(process, model, solver, LinearReward([0.5, 0.0]), (2,), TrainConfig(iters=1, batch_size=8))
+    assert solver.flow is None and len(list(solver.parameters())) == 0
+    h = ft.train()[-1]
+    assert math.isfinite(h["loss"]) and h["loss_reverse"] == 0.0 and h["loss_terminal"] == 0.0
+
+
+def test_image_shaped_data_gets_a_conv_flow_net() -> None:
+    solver = get_solver("nabla-db")
+    ctx = FinetuneContext(process=get_process("ddpm", num_steps=4), model=None, reward=None,  # type: ignore[arg-type]
+                          sample_shape=(1, 8, 8), batch_size=2, generator=torch.Generator())
+    solver.setup(ctx)
+    assert solver.flow.kind == "conv"
+    out = solver.flow(torch.randn(2, 1, 8, 8), torch.rand(2))
+    assert out.shape == (2, 1, 8, 8) and float(out.detach().abs().max()) == 0.0
+
+
+def test_bad_options_raise_one_line_errors() -> None:
+    for opts in ({"transitions": 1.5}, {"transitions": 0}, {"gamma": "cosine"}, {"step_weighting": "x"},
+                 {"lookahead_model": "ema"}, {"prior_strength": 0.0}, {"inner_steps": 0}):
+        with pytest.raises(SoctuneError):
+            get_solver("nabla-db", **opts)
