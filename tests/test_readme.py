@@ -22,7 +22,7 @@ def test_readme_snippet_is_short_and_runs(capsys):
     exec(compile(code, "README.md", "exec"), ns)
     x = ns["x"]
     assert x.shape == (512, 2) and torch.isfinite(x).all()
-    # uncontrolled OU from 0 stays centred at 0; the reward −‖x − 1‖² pulls the controlled
-    # process towards 1 (optimal terminal mean ≈ 0.27 for this λ=1, σ=1, T=1 problem; after 30
-    # iterations measured 0.2–0.3): require clear movement
-    assert float(x.mean()) > 0.1
+    # From the fixed start x_0 = 0 the optimally controlled X_1 is the exact tilt of the OU marginal
+    # N(0, v), v = (1 − e⁻²)/2, by exp(−(x − 1)²): mean 2/(1/v + 2) = 0.464 per dimension. After the
+    # snippet's 30 iterations the measured overall mean is 0.39–0.44 (seeds 0, 1).
+    assert abs(float(x.mean()) - 0.464) < 0.15
