@@ -90,7 +90,7 @@ def test_finetune_writes_the_run_folder_and_resumes(tmp_path):
     # a second run into the same folder needs --resume; with it, more iterations continue the run
     res = runner.invoke(app, args)
     assert isinstance(res.exception, SoctuneError)
-    res = runner.invoke(app, [*args[:5], "3", *args[6:], "--resume"])
+    res = runner.invoke(app, [*args[:6], "3", *args[7:], "--resume"])
     assert res.exit_code == 0, (res.output, res.exception)
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(ln)["iteration"] for ln in lines] == [0, 1, 2]
