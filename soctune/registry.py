@@ -14,6 +14,16 @@ from typing import Any, Callable, Generic, TypeVar
 T = TypeVar("T")
 
 
+def import_submodules(package: str) -> None:
+    """Import every module of ``package`` once. Registration is an import's side effect, so a
+    new built-in process, solver or reward is one new file in its package."""
+    import pkgutil
+
+    pkg = importlib.import_module(package)
+    for info in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{package}.{info.name}")
+
+
 class SoctuneError(ValueError):
     """A user mistake. Its message is one line that names the fix; the CLI prints it without a
     traceback."""

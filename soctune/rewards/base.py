@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..registry import Registry, SoctuneError
+from ..registry import Registry, import_submodules, SoctuneError
 
 REWARDS: Registry[Any] = Registry("reward")
 register_reward = REWARDS.register
@@ -121,10 +121,4 @@ def list_rewards() -> list[tuple[str, str]]:
 
 
 def _load_builtin() -> None:
-    import importlib
-    import pkgutil
-
-    from .. import rewards
-
-    for info in pkgutil.iter_modules(rewards.__path__):
-        importlib.import_module(f"{rewards.__name__}.{info.name}")
+    import_submodules("soctune.rewards")

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.base import Denoiser
-from ..registry import Registry, SoctuneError
+from ..registry import Registry, import_submodules, SoctuneError
 
 PROCESSES: Registry[type["Process"]] = Registry("process")
 register_process = PROCESSES.register
@@ -171,15 +171,5 @@ def get_process(name: str, **options: Any) -> Process:
 
 
 def _load_builtin() -> None:
-    """Import every module of this package once: registration is the import's side effect,
-    so a new built-in process is one new file."""
-    import importlib
-    import pkgutil
+    import_submodules("soctune.sde")
 
-    from .. import sde
-
-    for info in pkgutil.iter_modules(sde.__path__):
-        importlib.import_module(f"{sde.__name__}.{info.name}")
-
-
-ProcessFactory = Callable[..., Process]

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.base import Denoiser
-from ..registry import Registry, SoctuneError
+from ..registry import Registry, import_submodules, SoctuneError
 from ..sde.base import Process
 from ..trajectory import RewardFn
 
@@ -127,10 +127,4 @@ def get_solver(name: str, **options: Any) -> Solver:
 
 
 def _load_builtin() -> None:
-    import importlib
-    import pkgutil
-
-    from .. import solvers
-
-    for info in pkgutil.iter_modules(solvers.__path__):
-        importlib.import_module(f"{solvers.__name__}.{info.name}")
+    import_submodules("soctune.solvers")
