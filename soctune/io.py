@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -14,26 +15,54 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from .registry import SoctuneError
+
+
+class WriteError(SoctuneError, OSError):
+    """A file a run writes could not be written (disk full, quota, permissions); its message is
+    one line, so the CLI prints it without a traceback. ``errno`` is the OS error's."""
+
+
+def _write_error(path: Path, exc: OSError) -> WriteError:
+    reason = exc.strerror or type(exc).__name__
+    hint = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "check the folder's permissions"
+    err = WriteError(f"could not write {path} ({reason}); nothing partial was left under that name — {hint} "
+                     "and rerun (with --resume to continue from the last checkpoint)")
+    err.errno = exc.errno
+    return err
+
+
+def _write_file(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` and fsync (separate so tests can simulate a full disk)."""
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write-then-rename in the same folder, fsynced, so a crash never leaves a partial file
-    under ``path``."""
+    under ``path`` (the old content stays until the rename). An OSError (e.g. ENOSPC) removes
+    the temporary file and is raised as a one-line :class:`WriteError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        _write_file(fd, data)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+    except OSError as exc:
+        if isinstance(exc, WriteError):
+            raise
+        raise _write_error(path, exc) from exc
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through :func:`atomic_write_bytes` (serialised in memory first)."""
     import io
 
     buf = io.BytesIO()
@@ -126,7 +155,14 @@ def plot_curve(xs: Iterable[float], ys: Iterable[float], path: str | Path, ylabe
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one JSON line, fsynced. A failed write raises a one-line :class:`WriteError`
+    (a partial last line is dropped by the resume, see ``soctune.run._truncate_metrics``)."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if isinstance(exc, WriteError):
+            raise
+        raise _write_error(Path(path), exc) from exc

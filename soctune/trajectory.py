@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .distributed import current_shard
 from .models.base import Denoiser
 from .registry import SoctuneError
 from .sde.base import Process, StepOutput
@@ -138,10 +139,15 @@ def rollout(process: Process, model: Denoiser, *, batch_size: int | None = None,
     n = process.num_steps if stop_at is None else int(stop_at)
     if not 0 < n <= process.num_steps:
         raise SoctuneError(f"stop_at must be in 1..{process.num_steps}, got {stop_at}")
+    # data-parallel training (soctune.distributed.batch_shard): draw the prior and the noise of the
+    # whole global batch and keep this rank's rows, so a sample's noise depends on its global index only
+    shard = current_shard(batch_size) if x_init is None and noises is None else None
     if x_init is None:
         if batch_size is None or sample_shape is None:
             raise SoctuneError("rollout needs x_init or both batch_size and sample_shape")
-        x = process.prior((batch_size, *sample_shape), generator=generator, device=device, dtype=dtype)
+        n_draw = batch_size if shard is None else shard.total
+        x = process.prior((n_draw, *sample_shape), generator=generator, device=device, dtype=dtype)
+        x = x if shard is None else shard.take(x)
     else:
         x = x_init
     if noises is not None and noises.shape[0] < n:
@@ -151,8 +157,13 @@ def rollout(process: Process, model: Denoiser, *, batch_size: int | None = None,
     state = process.init_state()
     out: StepOutput | None = None
     for k in range(n):
-        xi = noises[k] if noises is not None else torch.randn(
-            x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if noises is not None:
+            xi = noises[k]
+        elif shard is None:
+            xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        else:
+            xi = shard.take(torch.randn(shard.global_shape(x.shape), generator=generator, device=x.device,
+                                        dtype=x.dtype))
         states.append({key: v.detach() for key, v in state.items()})
         if not grad.keeps_graph(k, n):
             with torch.no_grad():

@@ -101,7 +101,7 @@ def get_reward(spec: str | Callable[..., Tensor], **options: Any) -> Reward:
     if callable(spec) and not isinstance(spec, str):
         return spec if isinstance(spec, Reward) else FunctionReward(spec)
     name, _, arg = spec.partition(":")
-    if name not in REWARDS and arg and "." in name:  # plug-in path "pkg.module:fn[:arg]"
+    if name not in REWARDS and arg and ("." in name or _is_module(name)):  # plug-in "pkg.module:fn[:arg]"
         attr, _, arg = arg.partition(":")
         obj = REWARDS.get(f"{name}:{attr}")
     else:
@@ -113,6 +113,16 @@ def get_reward(spec: str | Callable[..., Tensor], **options: Any) -> Reward:
     if callable(obj):
         return FunctionReward(obj)
     raise SoctuneError(f"reward '{spec}' is neither a Reward class nor a function")
+
+
+def _is_module(name: str) -> bool:
+    """A top-level importable module (a plug-in path "my_rewards:fn" without a dot)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def list_rewards() -> list[tuple[str, str]]:
