@@ -3,6 +3,7 @@ library, renders with rich. No maths lives here."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from enum import Enum
@@ -29,6 +30,7 @@ class ListWhat(str, Enum):
     processes = "processes"
     solvers = "solvers"
     rewards = "rewards"
+    presets = "presets"
 
 
 def _rows(what: ListWhat) -> list[tuple[str, str]]:
@@ -40,6 +42,10 @@ def _rows(what: ListWhat) -> list[tuple[str, str]]:
         from soctune.solvers import list_solvers
 
         return list_solvers()
+    if what is ListWhat.presets:
+        from soctune.config import list_presets
+
+        return list(list_presets().items())
     from soctune.rewards import list_rewards
 
     return list_rewards()
@@ -51,8 +57,8 @@ def _root() -> None:
 
 
 @app.command("list")
-def list_cmd(what: ListWhat = typer.Argument(None, help="processes, solvers or rewards (default: all three)")) -> None:
-    """List the registered processes, solvers and rewards with one-line descriptions."""
+def list_cmd(what: ListWhat = typer.Argument(None, help="processes, solvers, rewards or presets (default: all)")) -> None:
+    """List the registered processes, solvers, rewards and the shipped presets with one-line descriptions."""
     for w in [what] if what is not None else list(ListWhat):
         table = Table(title=w.value, title_justify="left")
         table.add_column("name", style="bold cyan", no_wrap=True)
@@ -130,22 +136,6 @@ def _summary_table(s: dict) -> Table:
     return t
 
 
-def _resolve_config(config: Path | None, flags: dict, sets: list[str]) -> dict:
-    from soctune import config as cfgmod
-
-    cfg = cfgmod.defaults()
-    if config is not None:
-        cfg = cfgmod.merge(cfg, cfgmod.load_yaml(config))
-    for key, val in flags.items():
-        if val is None:
-            continue
-        sec, _, name = key.partition(".")
-        cfg = cfgmod.merge(cfg, {sec: val} if not name else {sec: {name: val}})
-    for item in sets:
-        cfg = cfgmod.merge(cfg, cfgmod.parse_set(item))
-    return cfgmod.validate(cfg)
-
-
 # ------------------------------------------------------------------------------- commands
 @app.command()
 def finetune(
@@ -159,21 +149,31 @@ def finetune(
     batch_size: int = typer.Option(None, "--batch-size", help="trajectories per iteration"),
     lr: float = typer.Option(None, "--lr", help="learning rate"),
     seed: int = typer.Option(None, "--seed", help="random seed"),
-    config: Path = typer.Option(None, "--config", "-c", help="YAML config (see configs/); flags and --set override it"),
+    config: str = typer.Option(None, "--config", "-c", help="YAML file or shipped preset name (soctune list presets); flags and --set override it"),
     set_: list[str] = typer.Option([], "--set", help="override any config key, e.g. solver.lambda=2 or train.iters=50"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its newest valid checkpoint"),
+    checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="iterations between checkpoints (0 = only at the end; default 10)"),
+    max_nonfinite: int = typer.Option(None, "--max-nonfinite", help="non-finite updates in a row (each skipped) before the run stops with a checkpoint"),
+    grad_clip: float = typer.Option(None, "--grad-clip", help="max global gradient norm (0 = off; default 1)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the final summary path"),
 ) -> None:
     """Fine-tune a model on a reward. Writes config.yaml, metrics.jsonl, before/after sample
-    grids, reward.png, lora/, checkpoints/ and summary.json into --out."""
+    grids, reward.png, lora/, checkpoints/ and summary.json into --out. Under
+    `torchrun --nproc-per-node N --no-python soctune finetune ...` it trains data-parallel
+    (--batch-size is the global batch; rank 0 writes everything)."""
+    from soctune import config as cfgmod
     from soctune.run import finetune_run
 
     flags = {"process.name": process, "solver.name": solver, "model.path": model, "reward": reward,
              "solver.reward_scale": reward_scale, "train.iters": iters, "process.num_steps": num_steps,
-             "train.batch_size": batch_size, "train.lr": lr, "train.seed": seed}
-    cfg = _resolve_config(config, flags, set_)
+             "train.batch_size": batch_size, "train.lr": lr, "train.seed": seed,
+             "train.checkpoint_every": checkpoint_every, "train.max_nonfinite": max_nonfinite,
+             "train.grad_clip": grad_clip}
+    cfg = cfgmod.resolve(config, flags, set_)
     summary = finetune_run(cfg, out, resume=resume, on_event=Reporter(quiet))
+    if not summary:  # a data-parallel rank other than 0: rank 0 reports
+        return
     if not quiet:
         console.print(_summary_table(summary))
     console.print(f"wrote {out}/ (summary.json, samples_compare.png, lora/)")
@@ -193,8 +193,8 @@ def _parse_lora(spec: str) -> tuple[str, float]:
 def sample(
     model: str = typer.Option(None, "--model", "-m", help="diffusers folder or hub id; default the shipped digits model"),
     lora: list[str] = typer.Option([], "--lora", help="LoRA folder[:SCALE]; repeat to mix several"),
-    process: str = typer.Option("fm-memoryless", "--process", "-p", help="process to sample with"),
-    num_steps: int = typer.Option(50, "--num-steps", help="sampling steps"),
+    process: str = typer.Option(None, "--process", "-p", help="process to sample with (default: the LoRA's run, else fm-memoryless)"),
+    num_steps: int = typer.Option(None, "--num-steps", help="sampling steps (default: the LoRA's run, else 50)"),
     noise_scale: float = typer.Option(None, "--noise-scale", help="σ multiplier (1 = the process's SDE, 0 = probability-flow ODE)"),
     n: int = typer.Option(64, "--n", help="number of samples"),
     seed: int = typer.Option(0, "--seed"),
@@ -209,6 +209,7 @@ def sample(
     if n < 1:
         raise SoctuneError(f"--n must be ≥ 1, got {n}")
     loras = [_parse_lora(s) for s in lora]
+    model, process, num_steps = _run_defaults(loras, model, process, num_steps)
     if quiet or not console.is_terminal:
         path = sample_run(model=model, process=process, loras=loras, num_steps=num_steps, noise_scale=noise_scale,
                           n=n, seed=seed, out=out, prompts=prompt or None, guidance_scale=guidance_scale)
@@ -221,7 +222,26 @@ def sample(
                               n=n, seed=seed, out=out, prompts=prompt or None, guidance_scale=guidance_scale,
                               on_event=lambda k, p: prog.update(task, completed=p["done"]) if k == "batch" else None)
     if not quiet:
+        report = path / "summary.json"
+        if report.exists():
+            rep = json.loads(report.read_text())
+            shares = "  ".join(f"{c}: {100 * p:.0f}%" for c, p in enumerate(rep["class_shares"]))
+            console.print(f"digit classes (independent classifier): {shares}")
         console.print(f"wrote {path}/samples.npz and {path}/grid.png")
+
+
+def _run_defaults(loras: list[tuple[str, float]], model: str | None, process: str | None,
+                  num_steps: int | None) -> tuple[str | None, str, int]:
+    """Model, process and step count default to those of the finetune run that wrote the
+    first LoRA (its config.yaml next to lora/), so a LoRA is sampled as it was trained."""
+    run_cfg: dict = {}
+    if loras and (Path(loras[0][0]).parent / "config.yaml").is_file():
+        import yaml
+
+        run_cfg = yaml.safe_load((Path(loras[0][0]).parent / "config.yaml").read_text()) or {}
+    proc = run_cfg.get("process") or {}
+    return (model or (run_cfg.get("model") or {}).get("path"), process or proc.get("name") or "fm-memoryless",
+            num_steps or proc.get("num_steps") or 50)
 
 
 @app.command()
@@ -279,7 +299,8 @@ def main() -> None:
     except SoctuneError as exc:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: rank 0 says it once
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("aborted")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,12 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, Any, str]]] = {
     "train": {
         "iters": (int, 40, lambda v: v >= 1, "training iterations"),
         "batch_size": (int, 32, lambda v: v >= 1, "trajectories per iteration"),
-        "lr": (float, 1e-3, lambda v: v > 0, "learning rate"),
-        "weight_decay": (float, 0.0, lambda v: v >= 0, "AdamW weight decay"),
-        "grad_clip": (float, 1.0, lambda v: v >= 0, "max gradient norm (0 = off)"),
+        "lr": (float, 1e-3, lambda v: 0 < v < math.inf, "learning rate"),
+        "weight_decay": (float, 0.0, lambda v: 0 <= v < math.inf, "AdamW weight decay"),
+        "grad_clip": (float, 1.0, lambda v: 0 <= v < math.inf, "max gradient norm (0 = off)"),
         "seed": (int, 0, None, "random seed"),
-        "max_nonfinite": (int, 5, lambda v: v >= 1, "consecutive non-finite updates before stopping"),
+        "max_nonfinite": (int, 5, lambda v: v >= 1,
+                          "consecutive non-finite updates (each skipped) before the run stops with a checkpoint"),
         "checkpoint_every": (int, 10, lambda v: v >= 0, "iterations between checkpoints (0 = only at the end)"),
     },
     "eval": {
@@ -56,10 +58,34 @@ def defaults() -> dict[str, Any]:
     return cfg
 
 
+#: YAML presets shipped with the package (``--config NAME`` or a path)
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+
+def list_presets() -> dict[str, str]:
+    """Shipped presets: name -> the first line of the file's leading comment."""
+    out: dict[str, str] = {}
+    for f in sorted(PRESETS_DIR.glob("*.yaml")):
+        first = f.read_text().splitlines()[0] if f.read_text() else ""
+        out[f.stem] = first.lstrip("# ").strip()
+    return out
+
+
+def preset_for(process: str, solver: str) -> str | None:
+    """The recommended digits preset of a (process, solver) pair, ``digits-{process}-{solver}``,
+    if one is shipped (the hyper-parameters the headline commands use)."""
+    name = f"digits-{process}-{solver}"
+    return name if (PRESETS_DIR / f"{name}.yaml").is_file() else None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file, or a shipped preset by name (``digits-ddpm-nabla-db``)."""
     p = Path(path)
+    if not p.is_file() and (PRESETS_DIR / f"{path}.yaml").is_file():
+        p = PRESETS_DIR / f"{path}.yaml"
     if not p.is_file():
-        raise SoctuneError(f"config file '{path}' does not exist; pass a YAML file (see configs/)")
+        raise SoctuneError(f"config file '{path}' does not exist; pass a YAML file or a preset name "
+                           f"({', '.join(list_presets())})")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -67,6 +93,35 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SoctuneError(f"config file '{path}' must hold a mapping of sections (model, process, solver, …)")
     return data
+
+
+def resolve(config: str | Path | None = None, flags: dict[str, Any] | None = None,
+            sets: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The validated run config: defaults ← preset ← ``config`` ← ``flags`` ← ``sets``.
+
+    flags: ``{"section.key": value}`` (None = not given; ``"reward"`` has no section).
+    Without a ``config`` file and with the shipped default model, the recommended preset of
+    the chosen (process, solver) pair (:func:`preset_for`) supplies the hyper-parameters, so
+    ``soctune finetune --process ddpm --solver nabla-db`` runs with settings that work."""
+    layers: list[dict[str, Any]] = []
+    if config is not None:
+        layers.append(load_yaml(config))
+    for key, val in (flags or {}).items():
+        if val is None:
+            continue
+        sec, _, name = key.partition(".")
+        layers.append({sec: val} if not name else {sec: {name: val}})
+    layers.extend(parse_set(item) for item in sets)
+    cfg = defaults()
+    for layer in layers:
+        cfg = merge(cfg, layer)
+    if config is None and not cfg["model"].get("path"):
+        preset = preset_for(str(cfg["process"].get("name")), str(cfg["solver"].get("name")))
+        if preset is not None:
+            cfg = merge(defaults(), load_yaml(preset))
+            for layer in layers:
+                cfg = merge(cfg, layer)
+    return validate(cfg)
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

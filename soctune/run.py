@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from . import config as cfgmod
+from . import distributed as dist_
 from .evaluation import compare, evaluate_samples, pixel_features, tilt_fidelity
-from .finetune import Finetuner, TrainConfig
+from .finetune import Finetuner, NonFiniteError, TrainConfig
 from .io import append_jsonl, atomic_torch_save, atomic_write_text, plot_curve, save_grid, save_side_by_side
 from .registry import SoctuneError
 from .rewards import get_reward
@@ -175,6 +176,9 @@ class RunDir:
 
 
 def save_checkpoint(rd: RunDir, ft: Finetuner, keep: int = 2) -> Path:
+    """Write ``checkpoints/ckpt-{step:06d}.pt`` atomically (write-then-rename: a crash or a full
+    disk never leaves a partial file under a checkpoint name), then drop all but the newest
+    ``keep``. Older checkpoints are deleted only after the new one is in place."""
     path = rd.ckpts / f"ckpt-{ft.step:06d}.pt"
     atomic_torch_save(ft.state_dict(), path)
     for old in rd.checkpoints()[keep:]:
@@ -183,19 +187,44 @@ def save_checkpoint(rd: RunDir, ft: Finetuner, keep: int = 2) -> Path:
 
 
 def load_latest_checkpoint(rd: RunDir, ft: Finetuner, on_event: EventFn) -> int:
-    """Restore the newest checkpoint that loads; corrupt ones are reported and skipped."""
-    for path in rd.checkpoints():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+    """Restore the newest checkpoint that loads; corrupt ones are reported and skipped.
+
+    Data-parallel: rank 0 reads the checkpoint and broadcasts its state, so every rank resumes
+    from the same one (and nodes need no shared file system). Returns the iteration resumed at.
+    """
+    state: dict[str, Any] | None = None
+    if ft.dist.is_main:
+        _remove_stale_temporaries(rd)
+        for path in rd.checkpoints():
+            try:
+                candidate = torch.load(path, map_location="cpu", weights_only=False)
+                ft.load_state_dict(candidate)
+            except SoctuneError:
+                raise
+            except Exception as exc:  # noqa: BLE001 — a truncated/corrupt file: fall back to an older one
+                detail = " ".join(str(exc).split())[:120]
+                on_event("warning", {"message": f"checkpoint {path.name} is unreadable ({type(exc).__name__}: "
+                                                f"{detail}); trying an older one"})
+                continue
+            state = candidate
+            on_event("phase", {"message": f"resuming from {path.relative_to(rd.root)} (iteration {ft.step})"})
+            break
+        else:
+            if rd.ckpts.is_dir():
+                on_event("warning", {"message": "no valid checkpoint found; starting from iteration 0"})
+    if ft.dist.enabled:
+        state = dist_.broadcast_object(state, ft.dist)
+        if state is not None and not ft.dist.is_main:
             ft.load_state_dict(state)
-        except SoctuneError:
-            raise
-        except Exception as exc:  # noqa: BLE001 — a truncated/corrupt file: fall back to an older one
-            on_event("warning", {"message": f"checkpoint {path.name} is unreadable ({type(exc).__name__}); "
-                                            "trying an older one"})
-            continue
-        return ft.step
-    return 0
+    return ft.step
+
+
+def _remove_stale_temporaries(rd: RunDir) -> None:
+    """Delete the temporary files of writes interrupted by a crash (never taken for checkpoints)."""
+    if rd.ckpts.is_dir():
+        for p in rd.ckpts.iterdir():
+            if p.name.startswith(".") and p.name.endswith(".tmp"):
+                p.unlink(missing_ok=True)
 
 
 def finetune_run(cfg: dict[str, Any], out: str | Path, resume: bool = False, on_event: EventFn = _noop) -> dict[str, Any]:
@@ -205,31 +234,65 @@ def finetune_run(cfg: dict[str, Any], out: str | Path, resume: bool = False, on_
     (one line per iteration), ``checkpoints/`` (atomic; ``resume`` continues exactly from the
     newest valid one), ``samples_before.png``/``samples_after.png``/``samples_compare.png``,
     ``reward.png``, ``lora/`` (diffusers LoRA format) and ``summary.json``.
+
+    Launched by torchrun (``WORLD_SIZE`` > 1) it trains data-parallel (see
+    :mod:`soctune.distributed`); only rank 0 writes files, evaluates and returns the summary
+    (other ranks return ``{}``).
     """
     cfg = cfgmod.validate(cfg)
+    info = dist_.init_from_env()
+    try:
+        summary = _finetune_run(cfg, out, resume, on_event if info.is_main else _noop, info)
+    except BaseException:
+        dist_.shutdown(info, wait=False)  # the others may be gone: no barrier
+        raise
+    dist_.shutdown(info)
+    return summary
+
+
+def _finetune_run(cfg: dict[str, Any], out: str | Path, resume: bool, on_event: EventFn,
+                  info: dist_.DistInfo) -> dict[str, Any]:
     rd = RunDir(out)
-    if rd.root.exists() and any(rd.root.iterdir()) and not resume:
+    main = info.is_main
+    if main and rd.root.exists() and any(rd.root.iterdir()) and not resume:
         if rd.checkpoints() or rd.metrics.exists():
             raise SoctuneError(f"output folder '{out}' already holds a run; pass --resume to continue it or "
                                "choose another --out")
-    rd.root.mkdir(parents=True, exist_ok=True)
+    if main:
+        rd.root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg["train"]["seed"])
     b = build(cfg)
     resolved = dict(cfg, model=dict(cfg["model"], path=cfg["model"]["path"] or default_model_for(cfg["process"]["name"])))
-    atomic_write_text(rd.config, cfgmod.dump(resolved))
+    if main:
+        atomic_write_text(rd.config, cfgmod.dump(resolved))
     ft = Finetuner(b.process, b.loaded.model, b.solver, b.reward, tuple(b.loaded.sample_shape), train_config(cfg),
-                   cond_sampler=b.cond_sampler)
+                   cond_sampler=b.cond_sampler, dist=info)
     start = load_latest_checkpoint(rd, ft, on_event) if resume else 0
-    _truncate_metrics(rd.metrics, start)
-    on_event("start", {"iters": ft.config.iters, "resumed_from": start})
+    if main:
+        _truncate_metrics(rd.metrics, start)
+    on_event("start", {"iters": ft.config.iters, "resumed_from": start, "world_size": info.world_size})
     every = cfg["train"]["checkpoint_every"]
     t_start = time.perf_counter()
     while ft.step < ft.config.iters:
-        metrics = ft.train_iteration()
-        append_jsonl(rd.metrics, {"iteration": ft.step - 1, **{k: v for k, v in metrics.items() if k != "iteration"}})
+        try:
+            metrics = ft.train_iteration()
+        except NonFiniteError as exc:
+            if not main:
+                raise
+            path = save_checkpoint(rd, ft)
+            raise NonFiniteError(f"{exc}; saved {path.relative_to(rd.root)} — lower them and continue with "
+                                 "--resume") from None
+        if main:
+            append_jsonl(rd.metrics, {"iteration": ft.step - 1, **{k: v for k, v in metrics.items() if k != "iteration"}})
+            if metrics.get("skipped_nonfinite"):
+                on_event("warning", {"message": f"iteration {ft.step - 1}: non-finite {getattr(ft, 'last_nonfinite', 'value')}, "
+                                                f"update skipped ({ft.nonfinite_in_row} in a row, at most "
+                                                f"{ft.config.max_nonfinite})"})
         on_event("iteration", {"step": ft.step, **metrics})
-        if every and ft.step % every == 0 and ft.step < ft.config.iters:
+        if main and every and ft.step % every == 0 and ft.step < ft.config.iters:
             save_checkpoint(rd, ft)
+    if not main:
+        return {}
     save_checkpoint(rd, ft)
     train_time = time.perf_counter() - t_start
 
@@ -237,7 +300,8 @@ def finetune_run(cfg: dict[str, Any], out: str | Path, resume: bool = False, on_
     ev = cfg["eval"]
     summary, img_b, img_f = evaluate_pair(b, ev["n_samples"], ev["seed"])
     summary.update(train_seconds=train_time, iterations=ft.step, process=cfg["process"]["name"],
-                   solver=cfg["solver"]["name"], reward=cfg["reward"], model=resolved["model"]["path"])
+                   solver=cfg["solver"]["name"], reward=cfg["reward"], model=resolved["model"]["path"],
+                   world_size=info.world_size)
     g = ev["grid"]
     rb, ra = summary["before"]["reward_mean"], summary["after"]["reward_mean"]
     save_grid(img_b[:g], rd.root / "samples_before.png", title=f"base  (reward {rb:.3f})")
@@ -248,6 +312,7 @@ def finetune_run(cfg: dict[str, Any], out: str | Path, resume: bool = False, on_
     plot_curve([h["iteration"] for h in hist], [h.get("reward_mean", float("nan")) for h in hist],
                rd.root / "reward.png", "reward (training batch)", band=[h.get("reward_std", 0.0) for h in hist],
                title=f"{cfg['solver']['name']} on {cfg['process']['name']}, reward {cfg['reward']}")
+    # the model is never wrapped (no DistributedDataParallel), so adapter keys carry no "module." prefix
     if cfg["model"]["full_finetune"]:
         b.loaded.network.save_pretrained(rd.root / "model")
     else:
@@ -259,10 +324,17 @@ def finetune_run(cfg: dict[str, Any], out: str | Path, resume: bool = False, on_
 
 def _truncate_metrics(path: Path, start: int) -> None:
     """Keep only the lines of iterations < start (a resumed run rewrites the rest, so no line is
-    duplicated or lost)."""
+    duplicated or lost). A partial last line (a crash during the append) is dropped."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["iteration"] < start]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("iteration"), (int, float)) and rec["iteration"] < start:
+            keep.append(ln)
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
@@ -318,4 +390,23 @@ def sample_run(*, model: str | None, process: str, loras: list[tuple[str, float]
     np.savez(tmp, x=images.numpy().astype(np.float32))
     os.replace(tmp, outp / "samples.npz")
     save_grid(images[:256], outp / "grid.png")
+    if images.shape[1:] == (1, 8, 8):
+        atomic_write_text(outp / "summary.json", json.dumps(digit_report(images), indent=2))
     return outp
+
+
+def digit_report(images: Tensor) -> dict[str, Any]:
+    """What a digits sample set holds, judged by the independent pixel classifier
+    (:func:`~soctune.evaluation.digit_probabilities`, not the reward's CNN): images [N, 1, 8, 8]
+    -> class counts and shares [10], mean confidence, and per class the pixel spread (mean
+    pairwise L2 distance among that class's samples, 0 if fewer than 2)."""
+    from .evaluation import digit_probabilities
+    from .metrics import diversity
+
+    probs = digit_probabilities(images)
+    labels = probs.argmax(1)
+    counts = torch.bincount(labels, minlength=10)
+    spread = [diversity(images[labels == c].flatten(1)) if int(counts[c]) > 1 else 0.0 for c in range(10)]
+    return {"n": int(images.shape[0]), "class_counts": counts.tolist(),
+            "class_shares": (counts.double() / images.shape[0]).tolist(),
+            "confidence": float(probs.max(1).values.mean()), "class_spread_pixels": spread}
