@@ -84,7 +84,8 @@ class Solver(nn.Module):
                 float(s) == 0 for s in _probe_stds(process)):
             raise SoctuneError(
                 f"solver '{self.registered_name}' needs a stochastic process, but "
-                f"'{process.registered_name}' has zero noise; raise noise_scale or pick another process")
+                f"'{process.registered_name}' has zero noise; raise its noise (noise_scale, or diffusion for an "
+                "euler-maruyama SDE) or pick another process")
 
     def setup(self, ctx: FinetuneContext) -> None:
         """Build auxiliary networks once shapes are known (called before the first iteration)."""
