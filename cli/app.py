@@ -292,6 +292,9 @@ def main() -> None:
     """Console-script entry point: user mistakes end with one line and exit code 2; the full
     traceback only with SOCTUNE_DEBUG=1 or ``--debug``."""
     debug = os.environ.get("SOCTUNE_DEBUG") == "1" or "--debug" in sys.argv
+    # transformers warns about optional image back-ends when diffusers' pipelines import it;
+    # the command's output is the progress and the summary, so keep only its errors
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
     try:

@@ -111,6 +111,19 @@ def model_step(process: Process, model: Denoiser, x: Tensor, k: int, cond: Any,
     return process.step_kernel(x, k, pred, state, model.prediction_type)
 
 
+def prediction_coefficients(process: Process, traj: "Trajectory") -> Tensor:
+    """c_k = ∂m_k/∂pred, [K] float64: the (affine) step kernel's response to a unit change of
+    the model prediction, probed on the first recorded state of each step. Solvers use it to
+    express a mean-space residual in prediction units (pred_θ − pred_base = c_k⁻¹(m_θ − m_base))."""
+    out = []
+    for k in range(traj.num_steps):
+        x = traj.xs[k][:1]
+        m0 = process.step_kernel(x, k, torch.zeros_like(x), traj.states[k], traj.prediction_type).mean
+        m1 = process.step_kernel(x, k, torch.ones_like(x), traj.states[k], traj.prediction_type).mean
+        out.append(float((m1 - m0).double().mean()))
+    return torch.tensor(out, dtype=torch.float64)
+
+
 def rollout(process: Process, model: Denoiser, *, batch_size: int | None = None,
             sample_shape: tuple[int, ...] | None = None, cond: Any = None, x_init: Tensor | None = None,
             noises: Tensor | None = None, generator: torch.Generator | None = None,

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -99,3 +100,17 @@ def mixture_stats(x: Tensor, gmm: GaussianMixture) -> tuple[Tensor, Tensor]:
     weights = torch.bincount(comp, minlength=len(gmm.weights)).double() / x.shape[0]
     means = torch.stack([x[comp == m].double().mean(0) for m in range(len(gmm.weights))])
     return weights, means
+
+
+def _assets_present() -> bool:
+    try:
+        from soctune.models.digits import shipped_model_path
+
+        shipped_model_path("ddpm"), shipped_model_path("flow"), shipped_model_path("classifier")
+        return True
+    except (FileNotFoundError, ImportError):
+        return False
+
+
+#: skip a test that needs the shipped digits models when they are not built
+needs_assets = pytest.mark.skipif(not _assets_present(), reason="shipped digits models not built")

@@ -12,21 +12,9 @@ from typer.testing import CliRunner
 
 from soctune.registry import SoctuneError
 from soctune_cli.app import app
+from helpers import needs_assets
 
 runner = CliRunner()
-
-
-def _assets_present() -> bool:
-    try:
-        from soctune.models.digits import shipped_model_path
-
-        shipped_model_path("ddpm"), shipped_model_path("flow"), shipped_model_path("classifier")
-        return True
-    except (FileNotFoundError, ImportError):
-        return False
-
-
-needs_assets = pytest.mark.skipif(not _assets_present(), reason="shipped digits models not built")
 
 
 def test_list_shows_every_registry():
@@ -100,6 +88,9 @@ def test_finetune_writes_the_run_folder_and_resumes(tmp_path):
     assert res.exit_code == 0, (res.output, res.exception)
     x = np.load(tmp_path / "s" / "samples.npz")["x"]
     assert x.shape == (8, 1, 8, 8) and x.dtype == np.float32 and np.abs(x).max() <= 1.0
+    report = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert sum(report["class_counts"]) == 8 and abs(sum(report["class_shares"]) - 1) < 1e-9
+    assert len(report["class_spread_pixels"]) == 10 and "digit classes (independent classifier)" not in res.output
 
 
 @needs_assets
@@ -109,3 +100,14 @@ def test_sample_ode_and_sde(tmp_path):
                                   "--num-steps", "8", "--out", str(tmp_path / ns), "--quiet"])
         assert res.exit_code == 0, (res.output, res.exception)
         assert (tmp_path / ns / "grid.png").exists()
+
+
+def test_sample_defaults_come_from_the_loras_run(tmp_path):
+    from soctune_cli.app import _run_defaults
+
+    run = tmp_path / "run"
+    (run / "lora").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {path: digits-ddpm}\nprocess: {name: ddpm, num_steps: 25}\n")
+    assert _run_defaults([(str(run / "lora"), 1.0)], None, None, None) == ("digits-ddpm", "ddpm", 25)
+    assert _run_defaults([(str(run / "lora"), 1.0)], None, "fm-memoryless", 10) == ("digits-ddpm", "fm-memoryless", 10)
+    assert _run_defaults([], None, None, None) == (None, "fm-memoryless", 50)

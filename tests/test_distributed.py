@@ -21,21 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import needs_assets
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-
-def _assets_present() -> bool:
-    try:
-        from soctune.models.digits import shipped_model_path
-
-        shipped_model_path("flow"), shipped_model_path("classifier")
-        return True
-    except (FileNotFoundError, ImportError):
-        return False
-
-
-needs_assets = pytest.mark.skipif(not _assets_present(), reason="shipped digits models not built")
 
 B = 4  # global batch
 CFG_SETS = {"process": {"name": "fm-memoryless", "num_steps": 4},

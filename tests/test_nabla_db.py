@@ -144,3 +144,25 @@ def test_bad_options_raise_one_line_errors() -> None:
                  {"lookahead_model": "ema"}, {"prior_strength": 0.0}, {"inner_steps": 0}):
         with pytest.raises(SoctuneError):
             get_solver("nabla-db", **opts)
+
+
+@pytest.mark.parametrize("process_name,pred_type", PROCESSES)
+def test_prediction_weighting_is_the_residual_in_prediction_units(process_name: str, pred_type: str) -> None:
+    """step_weighting="prediction": w_k‖fwd_k − target‖² = ‖c_k⁻¹s_k²(fwd_k − target)‖², i.e. the
+    forward term measured as a change of the model prediction, since the kernel mean is affine in
+    the prediction with slope c_k (checked here on a random perturbation of the prediction)."""
+    from soctune.trajectory import prediction_coefficients
+
+    process, model, solver, ctx, traj = _setup(process_name, pred_type, step_weighting="prediction")
+    coef = prediction_coefficients(process, traj)
+    for k in traj.stochastic_steps():
+        x = traj.xs[k]
+        pred = torch.randn_like(x)
+        delta = torch.randn_like(x)
+        m0 = process.step_kernel(x, k, pred, traj.states[k], traj.prediction_type).mean
+        m1 = process.step_kernel(x, k, pred + delta, traj.states[k], traj.prediction_type).mean
+        torch.testing.assert_close(m1 - m0, float(coef[k]) * delta, rtol=1e-4, atol=1e-6)
+        s2 = float(traj.stds[k]) ** 2
+        assert solver._step_weight(process, traj, k) == pytest.approx((s2 / abs(float(coef[k]))) ** 2, rel=1e-9)
+    ft = Finetuner(process, model, solver, LinearReward([0.5, 0.0]), (2,), TrainConfig(iters=2, batch_size=16, lr=1e-2))
+    assert all(math.isfinite(h["loss"]) for h in ft.train())

@@ -26,22 +26,11 @@ import torch
 from typer.testing import CliRunner
 
 from soctune.registry import SoctuneError
+from helpers import needs_assets
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 runner = CliRunner()
 
-
-def _assets_present() -> bool:
-    try:
-        from soctune.models.digits import shipped_model_path
-
-        shipped_model_path("ddpm"), shipped_model_path("flow"), shipped_model_path("classifier")
-        return True
-    except (FileNotFoundError, ImportError):
-        return False
-
-
-needs_assets = pytest.mark.skipif(not _assets_present(), reason="shipped digits models not built")
 
 ITERS = 4
 TINY = ["--iters", str(ITERS), "--batch-size", "4", "--num-steps", "4", "--set", "eval.n_samples=4",

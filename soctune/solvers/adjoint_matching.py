@@ -45,7 +45,7 @@ from torch import Tensor
 from ..models.base import Denoiser
 from ..registry import SoctuneError
 from ..sde.base import Process
-from ..trajectory import GradSpec, Trajectory, model_step, rollout
+from ..trajectory import GradSpec, Trajectory, model_step, prediction_coefficients, rollout
 from .base import FinetuneContext, LossOutput, Solver, register_solver
 
 
@@ -197,7 +197,7 @@ class AdjointMatching(Solver):
         The bootstrap −u_k/s_k = −c_k·δpred/s_k² turns an error δ of the learned prediction into
         an adjoint error c_k δ/s_k² = δ/ρ_k, so it is trusted less where ρ_k is small: near the end
         of the chain, and above all on the DDIM kernel's last stochastic step (s ≈ 1e-3)."""
-        coef = self.prediction_coefficients(process, traj).abs()
+        coef = prediction_coefficients(process, traj).abs()
         rho = [float(traj.stds[k]) ** 2 / max(float(coef[k]), 1e-30) for k in range(traj.num_steps)]
         positive = sorted(v for v in rho if v > 0)
         if not positive:
@@ -232,23 +232,11 @@ class AdjointMatching(Solver):
             picked = [(rest[i], len(rest) / n_rand) for i in sorted(idx)]
         return picked + [(k, 1.0) for k in last]
 
-    @staticmethod
-    def prediction_coefficients(process: Process, traj: Trajectory) -> Tensor:
-        """c_k = ∂m_k/∂pred, [K] float64: the (affine) step kernel's response to a unit change of
-        the model prediction, probed on the first recorded state of each step."""
-        out = []
-        for k in range(traj.num_steps):
-            x = traj.xs[k][:1]
-            m0 = process.step_kernel(x, k, torch.zeros_like(x), traj.states[k], traj.prediction_type).mean
-            m1 = process.step_kernel(x, k, torch.ones_like(x), traj.states[k], traj.prediction_type).mean
-            out.append(float((m1 - m0).double().mean()))
-        return torch.tensor(out, dtype=torch.float64)
-
     def step_weights(self, process: Process, traj: Trajectory, stochastic: list[int]) -> dict[int, float]:
         """Per-step loss weights (mean 1 over the stochastic steps)."""
         if self.step_weighting == "am":
             return {k: 1.0 for k in stochastic}
-        coef = self.prediction_coefficients(process, traj)
+        coef = prediction_coefficients(process, traj)
         raw = {k: (float(traj.stds[k]) / max(abs(float(coef[k])), 1e-12)) ** 2 for k in stochastic}
         mean = sum(raw.values()) / len(raw)
         return {k: v / mean for k, v in raw.items()}

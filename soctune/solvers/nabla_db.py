@@ -71,7 +71,7 @@ from torch import Tensor, nn
 from ..models.base import Denoiser, FourierTimeEmbedding
 from ..registry import SoctuneError
 from ..sde.base import Process, StepOutput
-from ..trajectory import Trajectory, rollout
+from ..trajectory import Trajectory, prediction_coefficients, rollout
 from .base import FinetuneContext, LossOutput, Solver, register_solver
 
 GammaSpec = str | Callable[[float], float]
@@ -346,9 +346,12 @@ class NablaDB(Solver):
         no_flow: drop g_φ (flow score = forward-looking term only); the reverse term then has
             nothing to train and is skipped unless ``reverse_trains_policy``.
         reverse_trains_policy: backpropagate the reverse term into θ (a second-order graph).
-        step_weighting: ``"none"`` (plain ∇-DB) or ``"variance"``: weight step k by s_k², which
+        step_weighting: ``"none"`` (plain ∇-DB), ``"variance"``: weight step k by s_k², which
             puts the forward term in control units ‖u_k − s_k∇log F̃‖² (u_k = (m_θ − m_base)/s_k)
-            instead of letting the smallest-noise steps dominate by 1/s_k².
+            instead of letting the smallest-noise steps dominate by 1/s_k², or ``"prediction"``:
+            weight (s_k²/c_k)², c_k = ∂m_k/∂pred, i.e. prediction units
+            ‖(pred_θ − pred_base) − s_k²∇log F̃/c_k‖² (as adjoint-matching's option; best
+            conditioned when the s_k and c_k span decades). Same minimiser for all three.
         flow_net: ``"auto"``, ``"mlp"`` or ``"conv"``; flow_hidden, flow_depth, flow_time_features:
             its size (hidden defaults: 128 for the MLP, 32 channels for the conv net).
     """
@@ -377,8 +380,8 @@ class NablaDB(Solver):
             raise SoctuneError(f"inner_steps must be ≥ 1, got {inner_steps}")
         if lookahead_model not in ("finetuned", "base"):
             raise SoctuneError(f"lookahead_model must be 'finetuned' or 'base', got '{lookahead_model}'")
-        if step_weighting not in ("none", "variance"):
-            raise SoctuneError(f"step_weighting must be 'none' or 'variance', got '{step_weighting}'")
+        if step_weighting not in ("none", "variance", "prediction"):
+            raise SoctuneError(f"step_weighting must be 'none', 'variance' or 'prediction', got '{step_weighting}'")
         if not callable(gamma) and gamma not in ("alpha2", "alpha", "one", "zero"):
             raise SoctuneError(f"gamma must be 'alpha2', 'alpha', 'one', 'zero' or a callable, got '{gamma}'")
         self.prior_strength = float(prior_strength)
@@ -400,6 +403,7 @@ class NablaDB(Solver):
         self.flow_warmup = int(flow_warmup)
         self.flow: FlowNet | None = None
         self._gamma_fn: Callable[[float], float] | None = None
+        self._coef: Tensor | None = None
         self._flow_frozen = False
 
     def setup(self, ctx: FinetuneContext) -> None:
@@ -495,12 +499,22 @@ class NablaDB(Solver):
                        else self.flow_score(ctx, traj, k + 1, x_next, cond, idx))
         if not self.forward_trains_flow:
             target_next = target_next.detach()
-        w = float(traj.stds[k]) ** 2 if self.step_weighting == "variance" else 1.0
+        w = self._step_weight(ctx.process, traj, k)
         terms = {"forward": w * (res["forward"] - target_next).pow(2).mean(), "pred": res["pred"]}
         if want_rev:
             score_k = self.flow_score(ctx, traj, k, x, cond, idx, reward_grad=res.get("reward_grad"))
             terms["reverse"] = w * (res["reverse"] + score_k).pow(2).mean()
         return terms
+
+    def _step_weight(self, process: Process, traj: Trajectory, k: int) -> float:
+        s2 = float(traj.stds[k]) ** 2
+        if self.step_weighting == "variance":
+            return s2
+        if self.step_weighting == "prediction":
+            if self._coef is None:
+                self._coef = prediction_coefficients(process, traj)
+            return (s2 / max(abs(float(self._coef[k])), 1e-12)) ** 2
+        return 1.0
 
     def _gamma(self, t: float) -> float:
         if self._gamma_fn is None:
@@ -510,6 +524,7 @@ class NablaDB(Solver):
     # ---- iteration -----------------------------------------------------------------------
     def iteration(self, ctx: FinetuneContext) -> Iterator[LossOutput]:
         self._gamma_fn = make_gamma(ctx.process, self.gamma_spec)
+        self._coef = None  # c_k of this rollout's grid, probed on first use
         self._flow_frozen = ctx.iteration < self.flow_warmup
         traj, reward = rollout_for_training(ctx, ctx.reward)
         T = terminal_index(traj)
