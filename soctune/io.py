@@ -32,6 +32,15 @@ def _write_error(path: Path, exc: OSError) -> WriteError:
     return err
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def _write_file(fd: int, data: bytes) -> None:
     """Write all of ``data`` to ``fd`` and fsync (separate so tests can simulate a full disk)."""
     with os.fdopen(fd, "wb") as f:
@@ -49,6 +58,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         _write_file(fd, data)
         os.replace(tmp, path)
         tmp = None
