@@ -1,5 +1,6 @@
 """Before/after evaluation of a fine-tuned model: reward, class shares, diversity, prior
-preservation and distance to the exact tilt (rejection samples of the base model)."""
+preservation and distance to the exact tilt (rejection samples of the base model, or the closed
+form of a Gaussian-mixture tilt)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .metrics import diversity, feature_frechet_distance, mean_and_stderr, rejection_sample_tilt
-from .models.gmm import sliced_wasserstein
+from .metrics import diversity, feature_frechet_distance, mean_and_stderr, rejection_sample_tilt, target_fidelity
+from .models.gmm import GaussianMixture, mixture_weights_by_nearest_mean
 
 FeatureFn = Callable[[Tensor], Tensor]
 
@@ -66,27 +67,79 @@ def evaluate_samples(x: Tensor, rewards: Tensor, features: Tensor, *, target_cla
 
 def tilt_fidelity(ft_features: Tensor, base_features: Tensor, base_rewards: Tensor, lam: float, r_max: float,
                   generator: torch.Generator, n_boot: int = 20) -> dict[str, float]:
-    """Distance to the exact tilt p_base·e^{λr}: rejection-sample the base samples (accept with
-    e^{λ(r − r_max)}), then the sliced Wasserstein distance in feature space from the fine-tuned
-    samples and from the base samples to those exact samples (mean ± bootstrap s.e.)."""
+    """Distance to the exact tilt p_base·e^{λr} for a bounded reward (r ≤ r_max): rejection-sample
+    the base samples (accept with e^{λ(r − r_max)}; the accepted ones are exact samples of the tilt),
+    then the sliced 2-Wasserstein distance in feature space from the fine-tuned samples
+    ft_features [n, D] and from the base samples base_features [N, D] to those exact samples, each
+    with its bootstrap standard error (see :func:`~soctune.metrics.target_fidelity`)."""
     ref = rejection_sample_tilt(base_features, base_rewards, lam, r_max, generator)
-    if ref.shape[0] < 10:
-        return {"target_samples": float(ref.shape[0])}
     m = ref.shape[0]
-
-    def dist(a: Tensor) -> tuple[float, float]:
-        vals = []
-        for _ in range(n_boot):
-            ia = torch.randint(a.shape[0], (m,), generator=generator)
-            ir = torch.randint(m, (m,), generator=generator)
-            vals.append(sliced_wasserstein(a[ia], ref[ir], generator=generator))
-        return mean_and_stderr(torch.tensor(vals)) if len(vals) > 1 else (vals[0], float("nan"))
-
-    ft, ft_se = dist(ft_features)
-    base, base_se = dist(base_features)
+    if m < 10:
+        return {"target_samples": float(m)}
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+    # the same generator seed for both calls: same projection directions, so the two are comparable
+    ft, ft_se = target_fidelity(ft_features, ref, n_boot, generator=torch.Generator().manual_seed(seed))
+    base, base_se = target_fidelity(base_features, ref, n_boot, generator=torch.Generator().manual_seed(seed))
     return {"target_samples": float(m), "sw_to_target": ft, "sw_to_target_se": ft_se,
             "sw_base_to_target": base, "sw_base_to_target_se": base_se,
             "frechet_to_target": feature_frechet_distance(ft_features, ref) if m > ft_features.shape[1] else float("nan")}
+
+
+def gmm_tilt_fidelity(x: Tensor, target: GaussianMixture, n_ref: int = 4096, seed: int = 0,
+                      n_boot: int = 20) -> dict[str, float]:
+    """Distance of samples x [n, D] to a closed-form target mixture (e.g. a tilt from
+    :meth:`GaussianMixture.tilt_quadratic`): sliced 2-Wasserstein distance to ``n_ref`` exact samples
+    (± bootstrap s.e.), the same distance for a second independent exact set of size n (the
+    sampling floor: what a perfect sampler scores), and the largest error of the mode weights
+    (nearest-mode assignment) against the exact weights."""
+    gen = torch.Generator().manual_seed(seed)
+    ref, _ = target.sample(n_ref, generator=gen)
+    exact, _ = target.sample(x.shape[0], generator=gen)
+    sw_seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
+    d, se = target_fidelity(x, ref, n_boot, generator=torch.Generator().manual_seed(sw_seed))
+    floor, floor_se = target_fidelity(exact, ref, n_boot, generator=torch.Generator().manual_seed(sw_seed))
+    w = mixture_weights_by_nearest_mean(x.double(), target)
+    return {"sw_to_target": d, "sw_to_target_se": se, "sw_exact_floor": floor, "sw_exact_floor_se": floor_se,
+            "weights": w.tolist(), "weight_err": float((w - target.weights).abs().max())}
+
+
+FEATURE_EXTRACTORS = ("classifier", "pixels", "dreamsim")
+
+
+def feature_extractor(name: str = "classifier", device: str = "cpu") -> FeatureFn:
+    """Embedding used by diversity and Fréchet metrics, images [N, C, H, W] in [−1, 1] -> [N, D]:
+    ``classifier`` (the shipped digits classifier's penultimate features, 128-D), ``pixels``
+    (:func:`pixel_features`) or ``dreamsim`` (the DreamSim perceptual embedding, where the
+    ``dreamsim`` package and its weights are installed)."""
+    from .registry import SoctuneError
+
+    if name == "classifier":
+        from .models.digits import load_classifier
+
+        clf = load_classifier().eval()
+
+        def classifier_features(x: Tensor) -> Tensor:
+            from .rewards.digits import to_digit_input
+
+            with torch.no_grad():
+                return clf.features(to_digit_input(x.float()))
+        return classifier_features
+    if name == "pixels":
+        return pixel_features
+    if name == "dreamsim":
+        try:
+            from dreamsim import dreamsim  # type: ignore[import-not-found]
+        except ImportError:
+            raise SoctuneError("feature extractor 'dreamsim' needs `pip install dreamsim`; or use 'classifier'/'pixels'") from None
+        net, _ = dreamsim(pretrained=True, device=device)
+
+        def dreamsim_features(x: Tensor) -> Tensor:
+            img = torch.nn.functional.interpolate(((x.float() + 1) / 2).clamp(0, 1).expand(-1, 3, -1, -1), size=224,
+                                                  mode="bilinear", align_corners=False)
+            with torch.no_grad():
+                return net.embed(img.to(device)).cpu()
+        return dreamsim_features
+    raise SoctuneError(f"unknown feature extractor '{name}'; choose one of {', '.join(FEATURE_EXTRACTORS)}")
 
 
 def compare(before: dict[str, Any], after: dict[str, Any], ft_features: Tensor, base_features: Tensor) -> dict[str, Any]:

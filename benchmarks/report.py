@@ -1,0 +1,289 @@
+"""Turn results/*.jsonl into benchmarks/RESULTS.md and the PNG plots (no computation here).
+
+    python benchmarks/report.py
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from common import COST_ONLY, METHODS, RESULTS, ROOT, read_jsonl
+
+COLORS = {"soc": "tab:blue", "draft": "tab:red", "free": "tab:green", "ref": "black"}
+
+
+def _ms(vals: list[float]) -> tuple[float, float]:
+    vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.mean(vals), (statistics.stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else float("nan"))
+
+
+def _fmt(m: float, s: float, d: int = 3) -> str:
+    if math.isnan(m):
+        return "–"
+    return f"{m:.{d}f}" if math.isnan(s) else f"{m:.{d}f} ± {s:.{d}f}"
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method: mean ± s.e. over seeds of each metric (reference rows have one 'seed')."""
+    by: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r.get("kind") == "meta":
+            continue
+        by[r["method"]].append(r)
+    out = {}
+    for method, rs in by.items():
+        ok = [r for r in rs if "error" not in r]
+        agg: dict[str, Any] = {"n_seeds": len(ok), "errors": [r["error"] for r in rs if "error" in r],
+                               "family": rs[0].get("family", "ref")}
+        for key in ("reward", "diversity", "prior_fd", "fidelity", "weight_err", "target_share", "train_seconds",
+                    "reward_evals", "budget", "fidelity_floor"):
+            agg[key] = _ms([r[key] for r in ok if key in r])
+        if len(ok) == 1:  # a single run: report its own standard errors instead of the seed spread
+            for key in ("reward", "fidelity"):
+                agg[key] = (ok[0][key], ok[0].get(f"{key}_se", float("nan")))
+        out[method] = agg
+    return out
+
+
+def quality_table(problem: str, agg: dict[str, dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    gmm = problem == "gmm"
+    extra = "weight err" if gmm else "share of 3s"
+    lines = [f"| method | reward | diversity | prior FD | fidelity (SW₂ to exact tilt) | {extra} | reward evals | train s |",
+             "|---|---|---|---|---|---|---|---|"]
+    order = ["base", "exact target", *[m.label for m in METHODS], "AM-lean plain weights", "nabla-DB plain weights",
+             "DDPO ×5", "residual-DB ×5"]
+    for name in order:
+        if name not in agg:
+            continue
+        a = agg[name]
+        if a["errors"] and not a["n_seeds"]:
+            lines.append(f"| {name} | error: {a['errors'][0][:80]} | | | | | | |")
+            continue
+        ex = a["weight_err"] if gmm else a["target_share"]
+        evals = "–" if math.isnan(a["reward_evals"][0]) else f"{a['reward_evals'][0]:.0f}"
+        secs = "–" if math.isnan(a["train_seconds"][0]) else f"{a['train_seconds'][0]:.0f}"
+        lines.append(f"| {name} | {_fmt(*a['reward'])} | {_fmt(*a['diversity'])} | {_fmt(*a['prior_fd'])} | "
+                     f"{_fmt(*a['fidelity'])} | {_fmt(*ex, d=2)} | {evals} | {secs} |")
+    return lines
+
+
+def pareto_plot(problem: str, agg: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=80)
+    base_fid = agg.get("base", {}).get("fidelity", (float("nan"),))[0]
+    # diverged runs (fidelity > 3× the base's) would squash every other point into a corner
+    off = sorted(n for n, a in agg.items() if a["n_seeds"] and a["fidelity"][0] > 3 * base_fid)
+    agg = {n: a for n, a in agg.items() if n not in off}
+    for ax, key, label in ((axes[0], "diversity", "diversity (mean pairwise feature distance)"),
+                           (axes[1], "fidelity", "SW₂ distance to the exact tilt (lower = better)")):
+        for name, a in agg.items():
+            if not a["n_seeds"]:
+                continue
+            x, xs = a[key]
+            y, ys = a["reward"]
+            c = COLORS.get(a["family"], "gray")
+            ax.errorbar(x, y, xerr=0 if math.isnan(xs) else xs, yerr=0 if math.isnan(ys) else ys, fmt="o" if a["family"] != "ref" else "s",
+                        color=c, ms=5, capsize=2)
+            ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points", rotation=20)
+        ax.set_xlabel(label, fontsize=8)
+        ax.set_ylabel("reward", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{problem}: blue = SOC (AM, ∇-DB), red = DRaFT/ReFL, green = gradient-free, black = references"
+                 + (f"; off-scale (diverged): {', '.join(off)}" if off else ""), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def memory_plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=80)
+    by: dict[str, dict[int, float]] = defaultdict(dict)
+    for r in rows:
+        by[r["method"]][r["steps"]] = r["peak_delta_mb"]
+    for method, d in by.items():
+        ks = sorted(d)
+        ax.plot(ks, [d[k] for k in ks], "o-", label=method)
+    ax.set_xlabel("steps K", fontsize=8)
+    ax.set_ylabel("peak extra memory of one iteration (MB)", fontsize=8)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def claims(agg_g: dict[str, Any], agg_d: dict[str, Any]) -> list[str]:
+    """Rule-based verdicts on the seeds' qualitative claims, with the numbers they rest on."""
+    out = []
+    for problem, agg in (("2-D mixture", agg_g), ("digits", agg_d)):
+        if not agg or "exact target" not in agg or "base" not in agg:
+            continue
+        tgt, base = agg["exact target"], agg["base"]
+        floor = tgt["fidelity"][0]
+        base_fid = base["fidelity"][0]
+        out.append(f"**{problem}** (fidelity of the base {base_fid:.3f}, of an independent exact set {floor:.3f}; "
+                   f"diversity of the exact target {tgt['diversity'][0]:.3f}):")
+        for label in ("AM-lean", "AM-basic", "nabla-DB", "nabla-DB no_flow", "AM-lean plain weights", "nabla-DB plain weights"):
+            a = agg.get(label)
+            if not a or not a["n_seeds"]:
+                continue
+            fid, div = a["fidelity"][0], a["diversity"][0]
+            closed = (base_fid - fid) / (base_fid - floor) if base_fid > floor else float("nan")
+            near = fid <= floor + 0.25 * (base_fid - floor)
+            gap = (f"closes {100 * closed:.0f}% of the gap from the base to the exact target" if closed >= 0 else
+                   "further from the exact target than the base (diverged)")
+            out.append(f"- {label}: fidelity {fid:.3f} — {gap}; diversity {div:.3f} ({100 * (div / tgt['diversity'][0] - 1):+.0f}% vs target). "
+                       + ("**Near the exact target: claim holds.**" if near else "**Not near the exact target within this budget: claim not reproduced.**"))
+        for label in ("DRaFT-1", "DRaFT-LV", "ReFL"):
+            a = agg.get(label)
+            if not a or not a["n_seeds"]:
+                continue
+            r, div = a["reward"][0], a["diversity"][0]
+            higher = r > tgt["reward"][0]
+            collapsed = div < 0.75 * tgt["diversity"][0]
+            out.append(f"- {label}: reward {r:.3f} vs target {tgt['reward'][0]:.3f}, diversity {div:.3f}. "
+                       + ("**Higher reward with collapsed diversity: claim holds.**" if higher and collapsed else
+                          "**Higher reward than the tilt, diversity not collapsed (<75% of target's) within this budget.**" if higher else
+                          "**Reward not above the tilt's within this budget: claim not reproduced.**"))
+        free = [agg[k] for k in ("DDPO", "residual-DB", "DAG-DB") if k in agg and agg[k]["n_seeds"]]
+        grad = [agg[k] for k in ("AM-lean", "DRaFT-1") if k in agg and agg[k]["n_seeds"]]
+        if free and grad:
+            gain = lambda a: a["reward"][0] - base["reward"][0]  # noqa: E731
+            best_free, best_grad = max(gain(a) for a in free), max(gain(a) for a in grad)
+            out.append(f"- gradient-free (DDPO, residual-DB, DAG-DB) at the same budget: best reward gain {best_free:+.3f} "
+                       f"vs {best_grad:+.3f} for the gradient-based AM-lean / DRaFT-1. "
+                       + ("**Claim holds: far less progress per reward evaluation.**" if best_free < 0.5 * best_grad else
+                          "**Claim not reproduced at this budget.**"))
+            for label in ("DDPO ×5", "residual-DB ×5"):
+                if label in agg and agg[label]["n_seeds"]:
+                    out.append(f"  - {label} (five times the budget): reward gain {gain(agg[label]):+.3f}, fidelity "
+                               f"{agg[label]['fidelity'][0]:.3f}.")
+        out.append("")
+    return out
+
+
+def main() -> None:
+    lines = ["# Benchmarks", "",
+             "Generated by `python benchmarks/run_all.py` (this file and the PNGs are rewritten by that command; "
+             "raw numbers in `benchmarks/results/*.jsonl`). Machine: 2 CPU cores shared with other jobs, "
+             "`OMP_NUM_THREADS=1`, so wall times are noisy; ratios measured side by side are the robust numbers.", ""]
+    meta_all = {r["problem"]: r for p in ("gmm", "digits") for r in read_jsonl(RESULTS / f"quality_{p}.jsonl") if r.get("kind") == "meta"}
+    aggs: dict[str, Any] = {}
+    for problem, title, desc in (
+            ("gmm", "2-D two-mode Gaussian mixture, closed-form tilt",
+             "Base: modes (±2, 0), variance 0.25, weights ½/½ (exact ε model + a learnable 3×64 correction MLP); "
+             "reward r = −¼‖x − (0.5, 1)‖², λ = 1: the exact tilt is a mixture with weights 0.291 / 0.709. "
+             "Features = the 2-D states. Fidelity: sliced W₂ to 4096 exact tilt samples (closed form); the "
+             "'exact target' row is an independent exact set (the sampling floor)."),
+            ("digits", "digits, reward `digit:3` = log p(3 | x)",
+             "Shipped 8×8 digits ε UNet with LoRA r = 8. Features = the shipped classifier's penultimate layer (128-D). "
+             "Fidelity: sliced W₂ in feature space to exact tilt samples obtained by rejection sampling the base "
+             "(accept with exp(λ(r − r_max)), r_max = 0); the accepted set is split in halves: one is the reference, "
+             "the other is scored as the 'exact target' row. 'share of 3s' uses an independent logistic-regression classifier.")):
+        rows = read_jsonl(RESULTS / f"quality_{problem}.jsonl")
+        if not rows:
+            continue
+        meta = meta_all.get(problem, {})
+        agg = aggregate(rows)
+        aggs[problem] = agg
+        seeds = sorted({r["seed"] for r in rows if r.get("seed", -1) >= 0 and "method" in r})
+        lines += [f"## Quality: {title}", "", desc, "",
+                  f"Ancestral DDPM ({'trailing' if problem == 'gmm' else 'leading'} spacing), K = {meta.get('steps')} steps, batch {meta.get('batch')}, "
+                  f"{meta.get('iters')} iterations = a budget of {meta.get('budget')} scored trajectories per method "
+                  f"(\"reward evals\" counts every sample the reward saw, incl. ∇-DB's look-ahead r(x̂₁(x_k)) and "
+                  f"DRaFT-LV's re-noised copies), seeds {seeds}, {meta.get('n_eval')} evaluation samples. "
+                  "Values: mean ± standard error over seeds (reference rows and single runs: the run's own standard errors). "
+                  "Prior FD = Fréchet distance of features to the base samples.", ""]
+        if problem == "digits" and "acceptance" in meta:
+            lines += [f"Rejection sampling accepted {100 * meta['acceptance']:.1f}% of {meta.get('n_base')} base samples "
+                      f"({meta.get('n_reference')} reference samples).", ""]
+        lines += quality_table(problem, agg, meta)
+        plot = ROOT / f"pareto_{problem}.png"
+        pareto_plot(problem, agg, plot)
+        lines += ["", f"![pareto {problem}]({plot.name})", ""]
+        errs = [(k, a["errors"][0]) for k, a in agg.items() if a["errors"]]
+        if errs:
+            lines += ["Failed runs: " + "; ".join(f"{k}: {e[:160]}" for k, e in errs), ""]
+
+    trows = read_jsonl(RESULTS / "cost_time.jsonl")
+    if trows:
+        t0 = trows[0]
+        targets = {"AM-lean": 4.0, "AM-lean 10 loss steps": 4.0, "nabla-DB 10%": 3.0, "DRaFT-1": 1.5}
+        lines += ["## Cost: one iteration vs one rollout", "",
+                  f"Digits UNet, ancestral DDPM K = {t0['steps']}, batch {t0['batch']}; every repeat times a no-grad "
+                  f"rollout of the fine-tuned model and then one training iteration, method after method "
+                  f"(interleaved, {t0['repeats']} repeats, medians).", "",
+                  "| method | rollout s | iteration s | ratio | target | met |", "|---|---|---|---|---|---|"]
+        for r in trows:
+            tgt = targets.get(r["method"])
+            met = "" if tgt is None else ("yes" if r["ratio"] <= tgt else "**no**")
+            lines.append(f"| {r['method']} | {r['rollout_median']:.3f} | {r['iteration_median']:.3f} | {r['ratio']:.2f}× | "
+                         f"{'≤ %.1f×' % tgt if tgt else ''} | {met} |")
+        lines.append("")
+    mrows = read_jsonl(RESULTS / "cost_memory.jsonl")
+    if mrows:
+        by: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+        for r in mrows:
+            by[r["method"]][r["steps"]] = r
+        ks = sorted({r["steps"] for r in mrows})
+        lines += ["## Cost: peak memory as K grows", "",
+                  f"Digits UNet, ancestral DDPM, batch {mrows[0]['batch']}; one fresh process per K, methods one after another "
+                  "with freed heap returned to the OS (malloc_trim) before each and allocations ≥ 32 KB served by mmap "
+                  "(MALLOC_MMAP_THRESHOLD_=32768, so RSS tracks live tensors); peak extra resident memory of one training "
+                  "iteration over the process after a no-grad rollout (RSS sampled every 0.5 ms); the last row is the same "
+                  "measurement for one no-grad rollout (median over methods).", "",
+                  "| method | " + " | ".join(f"K={k} MB" for k in ks) + " | growth K_max/K_min | target | met |",
+                  "|---|" + "---|" * len(ks) + "---|---|---|"]
+        for method, d in by.items():
+            vals = [d[k]["peak_delta_mb"] if k in d else float("nan") for k in ks]
+            growth = vals[-1] / vals[0] if vals[0] and not math.isnan(vals[0]) and not math.isnan(vals[-1]) else float("nan")
+            kr = ks[-1] / ks[0]
+            if method in ("AM-lean", "AM-lean 10 loss steps", "nabla-DB 10%"):
+                tgt, met = "≤ 1.3×", ("yes" if growth <= 1.3 else "**no**")
+            elif method == "DRaFT full (ckpt)":
+                # sub-linear = the marginal memory per extra step shrinks; an affine a + b·K also has
+                # growth < K_max/K_min, so compare the slopes of the first and last intervals
+                s_first = (vals[1] - vals[0]) / (ks[1] - ks[0]) if len(ks) > 2 else float("nan")
+                s_last = (vals[-1] - vals[-2]) / (ks[-1] - ks[-2]) if len(ks) > 2 else float("nan")
+                tgt = f"sub-linear (< {kr:.0f}×, falling slope)"
+                met = ("yes" if growth < kr and (math.isnan(s_first) or s_last < 0.5 * max(s_first, 1e-9)) else
+                       f"**no** (≈ {s_last:.2f} MB per extra step)" if growth < kr else "**no**")
+            else:
+                tgt, met = "", ""
+            lines.append(f"| {method} | " + " | ".join(f"{v:.1f}" for v in vals) + f" | {growth:.2f}× | {tgt} | {met} |")
+        roll = [statistics.median([d[k]["rollout_delta_mb"] for d in by.values() if k in d]) for k in ks]
+        lines.append("| no-grad rollout | " + " | ".join(f"{v:.1f}" for v in roll) + " | | | |")
+        memory_plot(mrows, ROOT / "memory.png")
+        lines += ["", "![memory](memory.png)", ""]
+
+    if aggs:
+        lines += ["## Do the papers' qualitative claims hold here?", "",
+                  "Verdicts are computed from the tables above by fixed rules (near = within a quarter of the "
+                  "base-to-target fidelity gap of the sampling floor; collapsed = diversity below 75% of the target's; "
+                  "far less progress = under half the reward gain of the best gradient-based method).", ""]
+        lines += claims(aggs.get("gmm", {}), aggs.get("digits", {}))
+    notes = ROOT / "NOTES.md"
+    if notes.exists():
+        lines += [notes.read_text().strip(), ""]
+    (ROOT / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {ROOT / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()
