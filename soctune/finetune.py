@@ -96,6 +96,7 @@ class Finetuner:
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self.history: list[dict[str, float]] = []
+        self._parts: dict[str, Any] | None = None  # gradient accumulation across LossOutput parts
 
     def parameters(self) -> list[torch.nn.Parameter]:
         seen: set[int] = set()
@@ -120,8 +121,13 @@ class Finetuner:
         with dist_.batch_shard(*self.rows, self.config.batch_size):
             for out in self.solver.iteration(self.ctx):
                 self._update(out)
+                if out.accumulate:
+                    continue
                 n_updates += int(out.metrics.get("skipped_nonfinite", 0.0) == 0.0)
                 merged.update(out.metrics)
+            if self._parts is not None:
+                raise RuntimeError(f"solver '{self.solver.registered_name}' ended an iteration with an "
+                                   "accumulating loss part and no closing one")
         self.optimizer.zero_grad(set_to_none=True)
         merged["updates"] = float(n_updates)
         merged["time"] = time.perf_counter() - t0
@@ -132,19 +138,31 @@ class Finetuner:
         return merged
 
     def _update(self, out: Any) -> None:
-        """zero_grad → (finite?) backward → average gradients over ranks → clip → step, or skip."""
-        self.optimizer.zero_grad(set_to_none=True)
+        """zero_grad → (finite?) backward → average gradients over ranks → clip → step, or skip.
+
+        Parts with ``out.accumulate`` are backpropagated into the same gradients (a non-finite
+        part is not, and spoils the whole update); the step happens on the closing part, whose
+        logged loss is the sum of the parts."""
         loss = out.loss
+        if self._parts is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._parts = {"loss": 0.0, "ok": True}
+        part_ok = bool(torch.isfinite(loss))
+        self._parts["loss"] += float(loss.detach())
+        self._parts["ok"] &= part_ok
+        if part_ok and loss.requires_grad:  # a closing part may be a constant (its terms all off)
+            loss.backward()
+        if out.accumulate:
+            return
+        parts, self._parts = self._parts, None
         reward_ok = math.isfinite(out.metrics.get("reward_mean", 0.0))
-        loss_ok = bool(torch.isfinite(loss))
         # every rank must take the same decision, or the gradient all-reduce would deadlock
         cause = None
         if not dist_.all_true(reward_ok, self.dist):
             cause = "reward"
-        elif not dist_.all_true(loss_ok, self.dist):
+        elif not dist_.all_true(parts["ok"], self.dist):
             cause = "loss"
         if cause is None:
-            loss.backward()
             params = self.parameters()
             dist_.all_reduce_gradients(params, self.dist)
             clip = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
@@ -167,7 +185,7 @@ class Finetuner:
                     f"{self.nonfinite_in_row} non-finite updates in a row (last: non-finite {cause}) at iteration "
                     f"{self.step}; the reward scale (λ, --reward-scale) or the learning rate (--lr) is likely too "
                     "high, or the reward returns NaN/inf for some samples")
-        out.metrics["loss"] = float(loss.detach())
+        out.metrics["loss"] = parts["loss"]
         out.metrics["nonfinite_total"] = float(self.nonfinite_total)
 
     def train(self, callback: MetricsCallback | None = None) -> list[dict[str, float]]:

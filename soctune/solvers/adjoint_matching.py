@@ -259,22 +259,6 @@ class AdjointMatching(Solver):
             u = (traj.means[k] - sweep.base_means[k]) / traj.stds[k]
             cost += 0.5 * u.flatten(1).double().pow(2).sum(1)
 
-        per_sample = torch.zeros(traj.batch_size, dtype=traj.xs.dtype, device=traj.xs.device)
-        step_w = self.step_weights(ctx.process, traj, stochastic)
-        for k, w in self.loss_steps(stochastic, ctx.generator):
-            w = w * step_w[k]
-            s = traj.stds[k]
-            m_ft = model_step(ctx.process, model, traj.xs[k], k, cond, traj.states[k]).mean
-            u = (m_ft - sweep.base_means[k]) / s
-            resid = u + s * adj[k + 1]
-            per_sample = per_sample + w * resid.flatten(1).pow(2).sum(1)
-        # per-step average: the scale stays comparable across K and step sub-sampling
-        per_sample = per_sample / len(stochastic)
-        if self.loss_clip > 0:
-            scale = (self.loss_clip / per_sample.detach().clamp(min=1e-30)).clamp(max=1.0)
-            per_sample = per_sample * scale
-        loss = per_sample.mean()
-
         lam_r = self.reward_scale * sweep.reward.double()
         metrics = {
             "reward_mean": float(sweep.reward.mean()),
@@ -286,4 +270,24 @@ class AdjointMatching(Solver):
         }
         if not math.isfinite(metrics["soc_cost"]):
             metrics["soc_cost"] = float("nan")
-        yield LossOutput(loss=loss, metrics=metrics)
+        step_w = self.step_weights(ctx.process, traj, stochastic)
+        steps = self.loss_steps(stochastic, ctx.generator)
+
+        def step_loss(k: int, w: float) -> Tensor:
+            """w_k‖u_k + s_k ã_{k+1}‖² per sample [B], over the per-step average's denominator
+            (the scale stays comparable across K and step sub-sampling)."""
+            s = traj.stds[k]
+            m_ft = model_step(ctx.process, model, traj.xs[k], k, cond, traj.states[k]).mean
+            resid = (m_ft - sweep.base_means[k]) / s + s * adj[k + 1]
+            return w * step_w[k] * resid.flatten(1).pow(2).sum(1) / len(stochastic)
+
+        if self.loss_clip > 0:
+            # the per-sample clip needs each sample's total over steps: one graph for all steps
+            per_sample = sum(step_loss(k, w) for k, w in steps)
+            scale = (self.loss_clip / per_sample.detach().clamp(min=1e-30)).clamp(max=1.0)
+            yield LossOutput(loss=(per_sample * scale).mean(), metrics=metrics)
+            return
+        # the loss is a sum over steps: backpropagate step by step (memory flat in K), one update
+        for i, (k, w) in enumerate(steps):
+            last = i == len(steps) - 1
+            yield LossOutput(loss=step_loss(k, w).mean(), metrics=metrics if last else {}, accumulate=not last)

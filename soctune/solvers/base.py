@@ -51,10 +51,15 @@ class FinetuneContext:
 
 @dataclass
 class LossOutput:
-    """loss: scalar tensor to minimise. metrics: floats for logging (reward_mean, …)."""
+    """loss: scalar tensor to minimise. metrics: floats for logging (reward_mean, …).
+
+    accumulate: backpropagate this part now and take the optimiser step with the next output
+    whose ``accumulate`` is False (one update from the sum of the parts). A loss that is a sum over
+    steps can so free each step's graph before the next is built: memory flat in K."""
 
     loss: Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+    accumulate: bool = False
 
 
 class Solver(nn.Module):

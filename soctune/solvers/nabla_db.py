@@ -546,18 +546,23 @@ class NablaDB(Solver):
             if idx.numel() == 0:
                 continue
             cond = index_batch(cond_all, idx, B)
+            # the transition terms are a mean over ks: backpropagate each transition's part as
+            # it is built (its graph freed before the next; memory flat in K), one update
             fwd, rev, reg = [], [], []
+            n = len(ks)
             for k in ks:
                 terms = self.transition_terms(ctx, traj, k, T, cond, idx)
-                fwd.append(terms["forward"])
+                part = self.forward_weight * terms["forward"]
+                fwd.append(float(terms["forward"].detach()))
                 if "reverse" in terms:
-                    rev.append(terms["reverse"])
+                    part = part + self.reverse_weight * terms["reverse"]
+                    rev.append(float(terms["reverse"].detach()))
                 if use_reg:
-                    reg.append((terms["pred"] - refs[k][idx]).pow(2).mean())
+                    l_k = (terms["pred"] - refs[k][idx]).pow(2).mean()
+                    part = part + self.reg_weight * l_k
+                    reg.append(float(l_k.detach()))
+                yield LossOutput(loss=part / n, accumulate=True)
             zero = torch.zeros((), device=traj.xs.device)
-            l_fwd = torch.stack(fwd).mean()
-            l_rev = torch.stack(rev).mean() if rev else zero
-            l_reg = torch.stack(reg).mean() if reg else zero
             l_term = zero
             if self.flow is not None and self.terminal_weight > 0 and not self._flow_frozen:
                 xT = traj.xs[T][idx]
@@ -565,10 +570,8 @@ class NablaDB(Solver):
                                                   device=xT.device)).pow(2).mean()
             l_anchor = (anchor_loss(ctx.process, ctx.model, traj, T, cond, idx)
                         if self.anchor_weight > 0 and T < traj.num_steps else zero)
-            loss = (self.forward_weight * l_fwd + self.reverse_weight * l_rev + self.terminal_weight * l_term
-                    + self.anchor_weight * l_anchor + self.reg_weight * l_reg)
             metrics = dict(base_metrics)
-            metrics.update(loss_forward=float(l_fwd.detach()), loss_reverse=float(l_rev.detach()),
+            metrics.update(loss_forward=sum(fwd) / n, loss_reverse=sum(rev) / n if rev else 0.0,
                            loss_terminal=float(l_term.detach()), loss_anchor=float(l_anchor.detach()),
-                           loss_reg=float(l_reg.detach()))
-            yield LossOutput(loss=loss, metrics=metrics)
+                           loss_reg=sum(reg) / n if reg else 0.0)
+            yield LossOutput(loss=self.terminal_weight * l_term + self.anchor_weight * l_anchor, metrics=metrics)
