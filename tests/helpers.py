@@ -4,6 +4,7 @@ process (:func:`tiny_model_for`)."""
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -114,3 +115,17 @@ def _assets_present() -> bool:
 
 #: skip a test that needs the shipped digits models when they are not built
 needs_assets = pytest.mark.skipif(not _assets_present(), reason="shipped digits models not built")
+
+
+def write_clip_tokenizer(folder: Path, max_length: int = 8):
+    """A character-level CLIP BPE tokenizer (vocab.json + merges.txt written here)."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for c in "abcdefghijklmnopqrstuvwxyz":
+            vocab[c + suffix] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)

@@ -18,7 +18,6 @@ What is checked:
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
@@ -33,25 +32,13 @@ from soctune.registry import SoctuneError  # noqa: E402
 from soctune.rewards import get_reward  # noqa: E402
 from soctune.trajectory import rollout  # noqa: E402
 
+from helpers import write_clip_tokenizer  # noqa: E402
+
 PROMPTS = ["a cat", "red dog", "tree"]  # ≤ 6 characters + 2 specials: fit the 8-token encoders
 RES = 16  # pixels; tiny VAEs downsample by 2 -> 8×8 latents
 
 
 # ------------------------------------------------------------------------------- builders
-
-
-def write_clip_tokenizer(folder: Path, max_length: int = 8):
-    """A character-level CLIP BPE tokenizer (vocab.json + merges.txt written here)."""
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in "abcdefghijklmnopqrstuvwxyz":
-            vocab[c + suffix] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
 
 
 def clip_text_config(vocab_size: int, hidden: int = 16, projection: int | None = None):

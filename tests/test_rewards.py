@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,8 @@ import torch.nn.functional as F
 
 from soctune.registry import SoctuneError
 from soctune.rewards import get_reward, list_rewards
+
+from helpers import write_clip_tokenizer
 
 # --------------------------------------------------------------------------------- registry
 
@@ -171,18 +172,12 @@ def test_brightness_and_contrast_values_and_gradients() -> None:
 
 def _tiny_clip(folder: Path, seed: int = 0) -> Path:
     """A tiny random transformers CLIPModel + character-level tokenizer saved to ``folder``."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in "abcdefghijklmnopqrstuvwxyz":
-            vocab[c + suffix] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16).save_pretrained(folder)
-    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+    tok = write_clip_tokenizer(folder, max_length=16)
+    tok.save_pretrained(folder)
+    text = dict(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                 max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
                   patch_size=8)

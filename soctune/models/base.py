@@ -59,13 +59,14 @@ class FourierTimeEmbedding(nn.Module):
 
 
 class CorrectionNet(nn.Module):
-    """A small MLP control/correction c_φ(x, t) on flat states: [B, D], [B] -> [B, D].
+    """A small MLP control/correction c_φ(x, t) on flat states: [B, D], [B] -> [B, D_out]
+    (D_out = ``out_dim``, default D; solvers also use it for flow heads, e.g. D_out = 1).
 
     The last layer is zero-initialised, so the fine-tuned model starts exactly at the base.
     """
 
     def __init__(self, dim: int, hidden: int = 256, depth: int = 3, time_features: int = 16,
-                 context: int = 0) -> None:
+                 context: int = 0, out_dim: int | None = None) -> None:
         super().__init__()
         self.time = FourierTimeEmbedding(time_features)
         layers: list[nn.Module] = []
@@ -74,13 +75,13 @@ class CorrectionNet(nn.Module):
             layers += [nn.Linear(width, hidden), nn.SiLU()]
             width = hidden
         self.body = nn.Sequential(*layers)
-        self.out = nn.Linear(hidden, dim)
+        self.out = nn.Linear(width, dim if out_dim is None else out_dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None) -> Tensor:
         parts = [x] if context is None else [x, context.to(x.dtype)]
-        h = torch.cat([*parts, self.time(t), t[:, None].to(x.dtype)], dim=-1)
+        h = torch.cat([*parts, self.time(t).to(x.dtype), t[:, None].to(x.dtype)], dim=-1)
         return self.out(self.body(h))
 
 

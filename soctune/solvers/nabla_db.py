@@ -68,7 +68,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..models.base import Denoiser, FourierTimeEmbedding
+from ..models.base import CorrectionNet, Denoiser, FourierTimeEmbedding
 from ..registry import SoctuneError
 from ..sde.base import Process, StepOutput
 from ..trajectory import Trajectory, prediction_coefficients, rollout
@@ -78,30 +78,6 @@ GammaSpec = str | Callable[[float], float]
 
 
 # ---- networks ------------------------------------------------------------------------------
-class TimeMLP(nn.Module):
-    """MLP on flat states and Fourier features of t: [B, D_in], [B] -> [B, D_out].
-
-    The output layer is zero-initialised, so a residual flow starts at 0.
-    """
-
-    def __init__(self, dim_in: int, dim_out: int, hidden: int = 128, depth: int = 2, time_features: int = 8) -> None:
-        super().__init__()
-        self.time = FourierTimeEmbedding(time_features)
-        layers: list[nn.Module] = []
-        width = dim_in + 2 * time_features + 1
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.SiLU()]
-            width = hidden
-        self.body = nn.Sequential(*layers)
-        self.out = nn.Linear(width, dim_out)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        h = torch.cat([x, self.time(t).to(x.dtype), t[:, None].to(x.dtype)], dim=-1)
-        return self.out(self.body(h))
-
-
 class TinyConvNet(nn.Module):
     """A few 3×3 convolutions with a time embedding added as a per-channel bias.
 
@@ -161,7 +137,7 @@ class FlowNet(nn.Module):
         self.sample_shape, self.scalar, self.kind = tuple(sample_shape), scalar, kind
         dim = math.prod(sample_shape)
         if kind == "mlp":
-            self.net: nn.Module = TimeMLP(dim, 1 if scalar else dim, hidden or 128, depth, time_features)
+            self.net: nn.Module = CorrectionNet(dim, hidden or 128, depth, time_features, out_dim=1 if scalar else dim)
         else:
             self.net = TinyConvNet(sample_shape[0], hidden or 32, depth, time_features, scalar=scalar)
 
