@@ -22,9 +22,8 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,7 +31,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import GMM_C, GMM_SCALE, LAM, RESULTS, append_jsonl, quiet  # noqa: E402
 
-from soctune.models.base import Denoiser  # noqa: E402
+from soctune.models.base import CorrectedDenoiser, Denoiser  # noqa: E402
 from soctune.models.gmm import GaussianMixtureDenoiser, mixture_weights_by_nearest_mean, two_mode_mixture  # noqa: E402
 from soctune.rewards.base import LinearReward, QuadraticReward  # noqa: E402
 from soctune.sde import get_process  # noqa: E402
@@ -44,24 +43,16 @@ LINEAR_A = (0.5, 0.0)
 PREDICTION = {"ddpm": "epsilon", "fm-memoryless": "velocity"}
 
 
-class ExactTilt(Denoiser):
-    """The exact tilted mixture model, whose ``base()`` is the exact base mixture model."""
+class ExactTilt(CorrectedDenoiser):
+    """The exact tilted mixture model, whose ``base()`` is the exact base mixture model (the
+    correction network of the parent is unused)."""
 
     def __init__(self, base: Denoiser, tilted: Denoiser) -> None:
-        super().__init__()
-        self.base_model, self.tilted, self.prediction_type = base, tilted, base.prediction_type
-        self._adapt = True
+        super().__init__(base, dim=2)
+        self.tilted = tilted
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         return (self.tilted if self._adapt else self.base_model)(x, t, cond)
-
-    @contextmanager
-    def base(self) -> Iterator[None]:
-        previous, self._adapt = self._adapt, False
-        try:
-            yield
-        finally:
-            self._adapt = previous
 
 
 def hill_index(values: Tensor, fraction: float = 0.01) -> float:
