@@ -27,6 +27,20 @@ In continuous time s_k ≈ σ√Δt and u_k ≈ u√Δt, so the sum is the Riema
 ½∫‖u + σᵀã‖²dt (up to the factor ½): every step gets weight 1 (and the random sub-sample is
 reweighted to keep the estimator unbiased).
 
+Score-function target (``estimator="score"``). The basic adjoint below is the pathwise gradient
+of the sampled path's cost-to-go C_{k+1} = Σ_{j>k} ½‖u_j‖² − λ r(x_K) with respect to
+x_{k+1} = m_θ(x_k) + s_k ξ_k (later noises held fixed), so Stein's identity for the Gaussian ξ_k gives
+
+    −s_k E[a_{k+1} | x_k] = −E[(C_{k+1} − b) ξ_k | x_k]        (any b independent of ξ_k),
+
+an estimate of the same conditional mean, for any control, without a Jacobian: no reward
+gradient, no VJP (one base forward per step), and finite variance whenever C has. The pathwise
+adjoint through a base chain whose noise-free map is nearly discontinuous (a watershed between
+separated modes) is like the derivative of a smoothed step: P(‖ã‖ > y) ∝ 1/y, infinite variance,
+and a regression on it sees too small a target (benchmarks/adjoint_tails.py). The score target's
+variance grows with Var(C) and with the dimension instead, so it suits low-dimensional,
+multimodal problems, not images. b = the leave-one-out batch mean of C_{k+1}.
+
 The ``basic`` variant uses the full adjoint of the current control's cost instead,
 a_k = ∇_{x_k}[⟨m_θ(x_k), a_{k+1}⟩ + ½‖u_k(x_k)‖²] (fine-tuned mean map, running cost), which has
 the same fixed point but more variance and twice the model evaluations per step.
@@ -89,6 +103,10 @@ class AdjointMatching(Solver):
             (a TD(λ)-style return). The fixed point is unchanged (at the optimum E[a_{k+1} | x_k] =
             −u_k/s_k exactly), but the heavy tail of the pathwise adjoint — rare paths that pass
             near the watershed between modes carry most of its mean — is damped geometrically.
+        estimator: ``"pathwise"`` (the adjoint of ``variant``, the paper's method) or ``"score"``
+            (Stein's identity, see the module docstring: the regression target is
+            −(C_{k+1} − b)ξ_k, whose conditional mean is the basic adjoint's; needs no reward
+            gradient; ``variant``, ``bootstrap`` and ``reward_grad_clip`` do not apply).
     """
 
     wants_memoryless = True
@@ -97,7 +115,7 @@ class AdjointMatching(Solver):
     def __init__(self, reward_scale: float = 1.0, variant: Literal["lean", "basic"] = "lean",
                  num_loss_steps: int | None = None, num_last_steps: int = 0, loss_clip: float = 0.0,
                  reward_grad_clip: float = 0.0, step_weighting: Literal["am", "prediction"] = "am",
-                 bootstrap: float = 0.0) -> None:
+                 bootstrap: float = 0.0, estimator: Literal["pathwise", "score"] = "pathwise") -> None:
         super().__init__(reward_scale)
         if variant not in ("lean", "basic"):
             raise SoctuneError(f"variant must be 'lean' or 'basic', got '{variant}'")
@@ -113,6 +131,11 @@ class AdjointMatching(Solver):
             raise SoctuneError("loss_clip and reward_grad_clip must be ≥ 0 (0 = off)")
         if step_weighting not in ("am", "prediction"):
             raise SoctuneError(f"step_weighting must be 'am' or 'prediction', got '{step_weighting}'")
+        if estimator not in ("pathwise", "score"):
+            raise SoctuneError(f"estimator must be 'pathwise' or 'score', got '{estimator}'")
+        if estimator == "score" and (variant != "lean" or bootstrap > 0 or reward_grad_clip > 0):
+            raise SoctuneError("estimator='score' uses no adjoint: leave variant, bootstrap and reward_grad_clip at their defaults")
+        self.estimator = estimator
         self.variant = variant
         self.step_weighting = step_weighting
         self.bootstrap = float(bootstrap)
@@ -191,6 +214,35 @@ class AdjointMatching(Solver):
         adjoints.reverse()
         return AdjointPass(torch.stack(adjoints), torch.stack(base_means), reward)
 
+    @torch.no_grad()
+    def score_pass(self, ctx: FinetuneContext, traj: Trajectory) -> AdjointPass:
+        """Stein form of the regression target, packed like an adjoint so the loss is unchanged:
+        ``adjoints[k+1]`` = (C_{k+1} − b_k) ξ_k / s_k on stochastic steps (so −s_k·adjoints[k+1] is
+        the target −(C_{k+1} − b_k)ξ_k), 0 elsewhere; C_{k+1} = Σ_{j>k} ½‖u_j‖² − λ r(x_K) per sample,
+        b_k its leave-one-out batch mean. Shapes as :class:`AdjointPass`; one base forward per step."""
+        model = ctx.model.unguided()
+        xf = traj.xs[-1].float()
+        reward = ctx.reward(xf, traj.cond).detach()
+        if reward.shape != (traj.batch_size,):
+            raise SoctuneError(f"the reward must return one value per sample [B]={traj.batch_size}, got {tuple(reward.shape)}")
+        B, K = traj.batch_size, traj.num_steps
+        cost_to_go = -self.reward_scale * reward.double()
+        adjoints = torch.zeros_like(traj.xs)
+        base_means: list[Tensor] = [torch.empty(0)] * K
+        for k in range(K - 1, -1, -1):
+            with model.base():
+                base_means[k] = model_step(ctx.process, model, traj.xs[k], k, traj.cond, traj.states[k]).mean
+            s = float(traj.stds[k])
+            if s == 0:
+                continue
+            # the baseline must not depend on this sample's ξ_k: leave it out of the mean
+            baseline = (cost_to_go.sum() - cost_to_go) / (B - 1) if B > 1 else torch.zeros_like(cost_to_go)
+            weight = (cost_to_go - baseline).to(traj.xs.dtype).reshape(B, *[1] * (traj.xs.dim() - 2))
+            adjoints[k + 1] = weight * traj.noises[k] / s
+            u = (traj.means[k] - base_means[k]) / s
+            cost_to_go = cost_to_go + 0.5 * u.flatten(1).double().pow(2).sum(1)
+        return AdjointPass(adjoints, torch.stack(base_means), reward.float())
+
     def bootstrap_weights(self, process: Process, traj: Trajectory) -> list[float]:
         """β_k = β · min(1, ρ_k / median_j ρ_j) with ρ_k = s_k²/|c_k| (0 on deterministic steps).
 
@@ -250,7 +302,7 @@ class AdjointMatching(Solver):
         stochastic = traj.stochastic_steps()
         if not stochastic:
             raise SoctuneError("adjoint-matching needs stochastic steps; this rollout has none (raise noise_scale)")
-        sweep = self.adjoint_pass(ctx, traj)
+        sweep = self.score_pass(ctx, traj) if self.estimator == "score" else self.adjoint_pass(ctx, traj)
         adj = sweep.adjoints
 
         # control cost of the sampled chain (free: the rollout recorded the fine-tuned means)
@@ -265,9 +317,10 @@ class AdjointMatching(Solver):
             "reward_std": float(sweep.reward.std()) if traj.batch_size > 1 else 0.0,
             "control_cost": float(cost.mean()),
             "soc_cost": float((cost - lam_r).mean()),
-            "adjoint_norm": float(adj.flatten(2).norm(dim=2).mean()),
-            "terminal_adjoint_norm": float(adj[-1].flatten(1).norm(dim=1).mean()),
         }
+        if self.estimator == "pathwise":
+            metrics["adjoint_norm"] = float(adj.flatten(2).norm(dim=2).mean())
+            metrics["terminal_adjoint_norm"] = float(adj[-1].flatten(1).norm(dim=1).mean())
         if not math.isfinite(metrics["soc_cost"]):
             metrics["soc_cost"] = float("nan")
         step_w = self.step_weights(ctx.process, traj, stochastic)
