@@ -5,8 +5,11 @@ model (GaussianMixtureDenoiser) plus a learnable correction. Rewards with a clos
 linear r = 0.5·x₁ (tilted weights 0.119/0.881) and quadratic r = −¼‖x − (0.5, 1)‖² (tilted weights
 0.291/0.709, means pulled towards c, variance 0.25 → 0.222). λ = 1.
 
-Each case first measures the BASE chain's own error against the exact base (finite K: DDPM's
-fixed-small variance shrinks the modes) and allows it on top of the solver tolerance.
+The solvers solve the K-step problem, whose exact solution is not the continuous-time tilt: each case
+first solves that problem exactly (tests/discrete_optimum.py, dynamic programming per coordinate),
+measures how far ITS samples are from the closed form, and allows that on top of the solver
+tolerance (K = 25, linear reward: the optimum has weights ≈ 0.145 vs 0.119 and SW ≈ 0.22–0.26 to exact
+tilt samples, already above an allowance-free bound).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from discrete_optimum import DiscreteOptimumPolicy, solve_coordinate
 from soctune.finetune import finetune
 from soctune.models.base import CorrectedDenoiser, Denoiser
 from soctune.models.gmm import (GaussianMixture, GaussianMixtureDenoiser, mixture_weights_by_nearest_mean,
@@ -135,13 +139,25 @@ def make_process(name: str) -> Any:
     return get_process(name, num_steps=K, **PROCESS_OPTIONS[name])
 
 
+#: −λ r split by coordinate (λ = 1), for the dynamic programme
+TERMINAL_COSTS = {"linear": (lambda x: -0.5 * x, None),
+                  "quadratic": (lambda x: 0.5 * QUAD_SCALE * (x - QUAD_C[0]) ** 2,
+                                lambda x: 0.5 * QUAD_SCALE * (x - QUAD_C[1]) ** 2)}
+
+
 @torch.no_grad()
-def base_chain_error(process_name: str, seed: int = 7) -> dict[str, Any]:
-    """The base chain's own error at K steps against the exact base mixture (same report)."""
+def discrete_optimum_error(process_name: str, reward_kind: str) -> dict[str, Any]:
+    """The exact K-step optimum's own distance to the closed-form tilt: the report of its samples
+    (N_EVAL per set, averaged over 3 sets, as the solvers are evaluated)."""
     process = make_process(process_name)
-    model = GaussianMixtureDenoiser(two_mode_mixture(), process, PREDICTION[process_name])
-    x = rollout(process, model, batch_size=N_EVAL, sample_shape=(2,), generator=torch.Generator().manual_seed(seed)).x_final
-    return mixture_report(x, two_mode_mixture())
+    base = GaussianMixtureDenoiser(two_mode_mixture(), process, PREDICTION[process_name])
+    optima = [None if cost is None else solve_coordinate(process, base, cost, d, lo=-8.0, hi=8.0, n_grid=1001)
+              for d, cost in enumerate(TERMINAL_COSTS[reward_kind])]
+    model = DiscreteOptimumPolicy(base, process, *optima)
+    _, tilt, _ = reward_problem(reward_kind, LAM)
+    reps = [mixture_report(rollout(process, model, batch_size=N_EVAL, sample_shape=(2,),
+                                   generator=torch.Generator().manual_seed(seed)).x_final, tilt) for seed in (100, 101, 102)]
+    return {key: sum(r[key] for r in reps) / len(reps) for key in ("weight_err", "mean_err", "sw", "sw_ref")}
 
 
 def fmt(rep: dict[str, Any]) -> str:
@@ -154,51 +170,57 @@ def fmt(rep: dict[str, Any]) -> str:
 # ---- the tilt-claiming solvers ------------------------------------------------------------------
 #: (solver, process) -> solver options and training settings (soctune.finetune keyword arguments)
 SETTINGS: dict[tuple[str, str], dict[str, Any]] = {
-    ("adjoint-matching", "fm-memoryless"): {"solver_options": {}, "control_gain": True, "iters": 300,
+    # fm-memoryless: the pathwise lean adjoint, as in the paper (the quadratic case passes on seeds 0–2;
+    # estimator="score" with 3×256 gives 0.319/0.347/0.331 on seeds 0/1/2, SW 0.160/0.286/0.217 vs bound 0.237)
+    ("adjoint-matching", "fm-memoryless"): {"solver_options": {}, "control_gain": True,
+                                            "net": {"hidden": 128, "depth": 2}, "iters": 300,
                                             "batch_size": 256, "lr": 3e-4, "grad_clip": 0.0},
-    ("adjoint-matching", "ddpm"): {"solver_options": {}, "control_gain": True, "iters": 300, "batch_size": 256,
+    # ddpm: estimator="score" (finite-variance Stein target, see the note above KNOWN_GAPS) and 3×256,
+    # the best measured on both ddpm cases (quadratic 0.318 vs the pathwise adjoint's 0.351)
+    ("adjoint-matching", "ddpm"): {"solver_options": {"estimator": "score"}, "control_gain": True,
+                                   "net": {"hidden": 256, "depth": 3}, "iters": 300, "batch_size": 256,
                                    "lr": 3e-4, "grad_clip": 0.0},
-    # step_weighting="variance" puts the forward ∇-DB term in control units; the default ("none")
-    # lets the smallest-noise steps dominate and moves the weights only to 0.48/0.52 in 300 iterations
-    ("nabla-db", "ddpm"): {"solver_options": {"step_weighting": "variance"}, "control_gain": False, "iters": 300,
-                           "batch_size": 256, "lr": 1e-3},
+    ("nabla-db", "ddpm"): {"solver_options": {"step_weighting": "variance"}, "control_gain": False,
+                           "net": {"hidden": 128, "depth": 2}, "iters": 300, "batch_size": 256, "lr": 1e-3},
 }
-#: SW(samples, exact) ≤ 1.5·SW(exact, exact) + SW_MARGIN + the base chain's own SW excess. Margin:
-#: the passing case measures 0.068 / 0.196 / 0.122 over seeds 0–2 (exact-vs-exact 0.058, so its bound
-#: is 0.237); the exact tilted denoiser run through the K = 25 chains lands at 0.14–0.20 (its own
-#: discretisation error); the plateaued runs of KNOWN_GAPS at ≥ 0.3.
+#: SW(samples, exact) ≤ 1.5·SW(exact, exact) + SW_MARGIN + the K-step optimum's own SW excess over
+#: exact-vs-exact. SW_MARGIN is the solver's share: the passing cases measure up to 0.19 above
+#: exact-vs-exact over seeds 0–2 while the optimum's excess is 0.04–0.06 (quadratic); the plateaued
+#: runs of KNOWN_GAPS sit 0.3–1.0 above.
 SW_MARGIN = 0.15
 WEIGHT_TOL, MEAN_TOL = 0.05, 0.15
 
 #: Cases that do not reach the tolerances yet (xfail, not strict: an XPASS means a solver improved and
 #: the entry can go). Measured with exactly these settings, 4096 samples, seed 0 unless stated.
 #:
-#: Why AM plateaus (python benchmarks/adjoint_tails.py): on the chain driven by the EXACT tilted model,
-#: AM's regression target −s_k ã_{k+1} has a Pareto-like tail at the steps where the mode is chosen —
-#: Hill tail index 1.1–1.2 (fm-memoryless, linear) and 1.3 (ddpm, quadratic) on steps 0–15, the top 1%
-#: of samples carrying 89–99% of Σ‖target‖² (max ‖target‖² ≈ 2·10⁴ against a mean control² ≈ 0.1).
-#: The pathwise derivative through the base chain's watershed behaves like the derivative of a smoothed
-#: step (P(|ã| > y) ∝ 1/y): the mean exists, the variance does not, and a sample mean over any
-#: affordable batch misses the part carried by rarer paths, so the regression sees a too-small target
-#: at mid-chain (batch means 0.18–0.21 vs the tilted control's 0.26 at t ≈ 0.25, fm linear). Hence:
-#: batch 256 → 1024 changes nothing (0.205 → 0.202), and STARTED AT THE EXACT TILT, AM drifts away
+#: Where AM's gap comes from (fm-memoryless, linear reward; left-mode weight, closed form 0.119):
+#: - the exact optimum of the K = 25 chain (tests/discrete_optimum.py, dynamic programming) has 0.148,
+#:   x₁ means −1.81 / 2.08 (ddpm 0.152; quadratic reward: fm 0.315, ddpm 0.318 vs 0.291; K = 50: 0.135):
+#:   the discretisation, which no solver of the K-step problem beats;
+#: - a noise-free regression of the network on that optimum (same loop, target u*) reaches 0.180 with
+#:   2×128 and 0.155 with 3×256: the network and budget;
+#: - AM with the pathwise lean adjoint: 0.199 (2×128), 0.191 (3×256); with estimator="score": 0.198,
+#:   0.160 (600 iterations: 0.166, J −0.388 vs the optimum's −0.417): the estimator.
+#: The pathwise target (python benchmarks/adjoint_tails.py) has a Pareto tail at the steps that choose
+#: the mode — Hill index 1.1–1.2 (fm, linear), 1.3 (ddpm, quadratic), the top 1% of samples carrying
+#: 89–99% of Σ‖target‖²: a derivative through the base chain's watershed is like that of a smoothed
+#: step (P(|ã| > y) ∝ 1/y), so its variance is infinite and SGD sees too small a target. Hence batch
+#: 256 → 1024 changes nothing (0.205 → 0.202), and STARTED AT THE EXACT TILT the pathwise AM drifts
 #: towards less tilt (300 iterations: fm linear 0.092 → 0.156, ddpm linear 0.100 → 0.154, ddpm
-#: quadratic 0.272 → 0.367 in 150). Also measured (fm linear, from the base): variant="basic" 0.171
-#: (mean err 0.219, mass left between the modes), bootstrap=0.1 0.239, bootstrap 0.5 switched on after
-#: 200 plain iterations 0.204 → 0.323 (the bootstrapped target inherits the too-small control).
+#: quadratic 0.272 → 0.367 in 150). Also measured (fm linear, pathwise): variant="basic" 0.171,
+#: bootstrap=0.1 0.239, bootstrap 0.5 switched on after 200 plain iterations 0.204 → 0.323.
+#: What is left with the score target: seed-to-seed spread (quadratic, seeds 0/1/2: 0.318/0.340/0.333
+#: ddpm, 0.319/0.347/0.331 fm) and, with the linear reward, a left mode at x₁ ≈ −1.65…−1.71 (optimum −1.81).
 #: ∇-DB (no adjoint products) started at the exact tilt stays there (150 iterations: linear 0.103,
 #: quadratic 0.282) but so it does with a wrong λ = 2 (0.100; exact 0.018): it moves mass across the
 #: watershed very slowly in either direction, and from the base it plateaus (900 iterations: 0.360).
 KNOWN_GAPS: dict[tuple[str, str, str], str] = {
     ("adjoint-matching", "fm-memoryless", "linear"):
-        "weights 0.199/0.801 (exact 0.119/0.881; seed 1: 0.246/0.754), mean err 0.157 (seed 1: 0.140), "
-        "SW 0.475 (seed 1: 0.655) vs bound 0.25; 600 iterations: 0.204/0.796, no better; "
-        "SOC cost J = −0.33 vs −log Z = −0.465: the plateau of DESIGN.md §6 (mass is not moved across the watershed between the modes)",
-    ("adjoint-matching", "ddpm", "linear"):
-        "weights 0.203/0.797, mean err 0.140, SW 0.501 vs bound 0.27; J = −0.345 vs −0.465 (same plateau)",
-    ("adjoint-matching", "ddpm", "quadratic"):
-        "weights 0.351/0.649 (exact 0.291/0.709, err 0.060 vs 0.052 allowed), mean err 0.058, SW 0.315 vs "
-        "bound 0.26; J = 1.180 vs −log Z = 1.189",
+        "weights 0.199/0.801 (exact 0.119/0.881, K-step optimum ≈ 0.145; err 0.080 vs 0.074 allowed), mean "
+        "err 0.157, SW 0.475 vs bound 0.41; 600 iterations: 0.204/0.796, no better; SOC cost J = −0.33 "
+        "(the K-step optimum: −0.41); estimator=score with 3×256 (the ddpm setting) reaches 0.160/0.840, "
+        "mean err 0.223, SW 0.300 — inside the bounds on seed 0, but fm-memoryless quadratic then misses "
+        "the SW bound on seed 1 (0.286 vs 0.277), so fm keeps the paper's pathwise adjoint",
     ("nabla-db", "ddpm", "linear"):
         "weights 0.364/0.636, mean err 0.055, SW 1.06; J = −0.20 vs −0.465 (transitions=1.0: 0.336/0.664, "
         "3.5× slower; default step_weighting: 0.484/0.516; 900 iterations 0.360; lr 3e-3 0.347; the digits "
@@ -219,12 +241,17 @@ def _case(solver: str, process: str, reward: str) -> Any:
 CASES = [_case(solver, process, reward) for (solver, process) in SETTINGS for reward in ("linear", "quadratic")]
 
 
-@pytest.fixture(scope="module")
-def base_errors() -> dict[str, dict[str, Any]]:
-    """Measured once per process (K = 25, 4096 samples): ddpm weights 0.498/0.502 (err 0.002), means
-    (±1.95, 0.01) (err 0.057: fixed-small variance shrinks the modes), SW 0.139 vs 0.115 exact-vs-exact;
-    fm-memoryless weights 0.515/0.485 (err 0.015), mean err 0.039, SW 0.094."""
-    return {name: base_chain_error(name) for name in PROCESS_OPTIONS}
+_OPTIMUM_ERRORS: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+def optimum_error(process_name: str, reward_kind: str) -> dict[str, Any]:
+    """Cached :func:`discrete_optimum_error` (≈ 15 s each). Measured (K = 25): fm-memoryless linear —
+    weight err 0.024, mean err 0.082, SW 0.222 (exact-vs-exact 0.066); quadratic 0.015, 0.035, 0.098;
+    ddpm linear 0.029, 0.082, 0.262; quadratic 0.016, 0.040, 0.117 (exact-vs-exact 0.058)."""
+    key = (process_name, reward_kind)
+    if key not in _OPTIMUM_ERRORS:
+        _OPTIMUM_ERRORS[key] = discrete_optimum_error(process_name, reward_kind)
+    return _OPTIMUM_ERRORS[key]
 
 
 def train(solver: str, process_name: str, reward_kind: str, seed: int = 0) -> tuple[Any, dict[str, Any]]:
@@ -236,10 +263,11 @@ def train(solver: str, process_name: str, reward_kind: str, seed: int = 0) -> tu
     reward, tilt, _ = reward_problem(reward_kind, LAM)
     torch.manual_seed(seed)
     base = GaussianMixtureDenoiser(two_mode_mixture(), process, PREDICTION[process_name])
+    net = settings.pop("net")
     if settings.pop("control_gain"):
-        model: CorrectedDenoiser = ControlGainDenoiser(base, process, hidden=128, depth=2)
+        model: CorrectedDenoiser = ControlGainDenoiser(base, process, **net)
     else:
-        model = CorrectedDenoiser(base, 2, base_features=True, hidden=128, depth=2)
+        model = CorrectedDenoiser(base, 2, base_features=True, **net)
     ft = finetune(model=model, process=process, solver=solver, solver_options=options, reward=reward,
                   sample_shape=(2,), seed=seed, **settings)
     x = ft.sample(N_EVAL, seed=100 + seed)
@@ -247,26 +275,27 @@ def train(solver: str, process_name: str, reward_kind: str, seed: int = 0) -> tu
 
 
 @pytest.mark.parametrize("solver, process_name, reward_kind", CASES)
-def test_solver_reaches_the_closed_form_tilt(solver: str, process_name: str, reward_kind: str,
-                                             base_errors: dict[str, dict[str, Any]]) -> None:
+def test_solver_reaches_the_closed_form_tilt(solver: str, process_name: str, reward_kind: str) -> None:
     """Weights within 0.05 and component means within 0.15 of the closed-form tilt, SW to exact tilt
-    samples ≤ 1.5 × exact-vs-exact + SW_MARGIN, each plus the base chain's own error at K = 25.
+    samples ≤ 1.5 × exact-vs-exact + SW_MARGIN, each plus the exact K-step optimum's own error.
 
-    Passing case, measured (300 iterations, ~85 s): adjoint-matching on fm-memoryless with the
-    quadratic reward — seed 0: weights 0.300/0.700 (exact 0.291/0.709, err 0.009), means (−1.68, 0.07)
-    and (1.88, 0.09) (err 0.061), SW 0.068 vs exact-vs-exact 0.058, J = 1.202 vs −log Z = 1.189;
-    seeds 0/1/2: weight err 0.008/0.035/0.019, mean err 0.061/0.057/0.059, SW 0.068/0.196/0.122
-    (bounds 0.065, 0.189, 0.237).
-    The other cases are KNOWN_GAPS (xfail) with their numbers.
+    Measured with this code, seeds 0/1/2 (300 iterations, ≈ 70–120 s each):
+    adjoint-matching, fm-memoryless, quadratic (pathwise adjoint, 2×128): weights 0.322/0.317/0.339
+    (exact 0.291; the K-step optimum ≈ 0.306), SW 0.170/0.154/0.248 (bound ≈ 0.28), mean err ≤ 0.069;
+    adjoint-matching, ddpm, quadratic (score estimator, 3×256): 0.318/0.340/0.333, SW 0.162/0.266/0.227
+    (bound ≈ 0.30), mean err 0.069/0.067/0.040;
+    adjoint-matching, ddpm, linear (score estimator, 3×256): 0.172/0.177/0.180 (exact 0.119, the K-step
+    optimum ≈ 0.148; bound 0.198), mean err 0.185/0.160/0.174 (bound 0.232), SW 0.364/0.390/0.395
+    (bound ≈ 0.45). The other cases are KNOWN_GAPS (xfail) with their numbers.
     """
-    base = base_errors[process_name]
+    opt = optimum_error(process_name, reward_kind)
     t0 = time.perf_counter()
     ft, rep = train(solver, process_name, reward_kind)
-    print(f"{solver} on {process_name}, {reward_kind}: {fmt(rep)}; {time.perf_counter() - t0:.0f} s")
-    sw_base_excess = max(base["sw"] - base["sw_ref"], 0.0)
-    assert rep["weight_err"] <= WEIGHT_TOL + base["weight_err"], fmt(rep)
-    assert rep["mean_err"] <= MEAN_TOL + base["mean_err"], fmt(rep)
-    assert rep["sw"] <= 1.5 * rep["sw_ref"] + SW_MARGIN + sw_base_excess, fmt(rep)
+    print(f"{solver} on {process_name}, {reward_kind}: {fmt(rep)}; {time.perf_counter() - t0:.0f} s; "
+          f"K-step optimum: weight err {opt['weight_err']:.3f}, mean err {opt['mean_err']:.3f}, SW {opt['sw']:.3f}")
+    assert rep["weight_err"] <= WEIGHT_TOL + opt["weight_err"], fmt(rep)
+    assert rep["mean_err"] <= MEAN_TOL + opt["mean_err"], fmt(rep)
+    assert rep["sw"] <= 1.5 * rep["sw_ref"] + SW_MARGIN + max(opt["sw"] - opt["sw_ref"], 0.0), fmt(rep)
 
 
 # ---- DRaFT-1 is mode seeking on the same quadratic reward ---------------------------------------
