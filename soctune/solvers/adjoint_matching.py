@@ -155,15 +155,21 @@ class AdjointMatching(Solver):
                 stacklevel=2)
 
     # ---- adjoint --------------------------------------------------------------------------------
+    @staticmethod
+    def reward_of(ctx: FinetuneContext, x: Tensor, cond: Any) -> Tensor:
+        """r(x) [B] (the reward on float32 states [B, *S]), checked to give one value per sample."""
+        r = ctx.reward(x, cond)
+        if r.shape != (x.shape[0],):
+            raise SoctuneError(f"the reward must return one value per sample [B]={x.shape[0]}, got {tuple(r.shape)}")
+        return r
+
     def terminal_adjoint(self, ctx: FinetuneContext, x: Tensor, cond: Any) -> tuple[Tensor, Tensor]:
         """ã_K = −λ∇r(x_K) (reward and gradient in float32, optionally norm-clipped per sample).
 
         x: [B, *S]. Returns (ã_K [B, *S] in x's dtype, r(x_K) [B] float32)."""
         with torch.enable_grad():
             xf = x.detach().float().requires_grad_(True)
-            r = ctx.reward(xf, cond)
-            if r.shape != (x.shape[0],):
-                raise SoctuneError(f"the reward must return one value per sample [B]={x.shape[0]}, got {tuple(r.shape)}")
+            r = self.reward_of(ctx, xf, cond)
             (g,) = torch.autograd.grad(r.sum(), xf)
         if self.reward_grad_clip > 0:
             norm = g.flatten(1).norm(dim=1).clamp(min=1e-12)
@@ -221,10 +227,7 @@ class AdjointMatching(Solver):
         the target −(C_{k+1} − b_k)ξ_k), 0 elsewhere; C_{k+1} = Σ_{j>k} ½‖u_j‖² − λ r(x_K) per sample,
         b_k its leave-one-out batch mean. Shapes as :class:`AdjointPass`; one base forward per step."""
         model = ctx.model.unguided()
-        xf = traj.xs[-1].float()
-        reward = ctx.reward(xf, traj.cond).detach()
-        if reward.shape != (traj.batch_size,):
-            raise SoctuneError(f"the reward must return one value per sample [B]={traj.batch_size}, got {tuple(reward.shape)}")
+        reward = self.reward_of(ctx, traj.xs[-1].float(), traj.cond).detach()
         B, K = traj.batch_size, traj.num_steps
         cost_to_go = -self.reward_scale * reward.double()
         adjoints = torch.zeros_like(traj.xs)
