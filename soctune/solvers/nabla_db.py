@@ -52,6 +52,21 @@ squared norms averaged over the batch and the data dimensions. As in the referen
 reverse residual of the fine-tuned policy is computed without a second-order graph, so the
 reverse term trains g_φ only (``reverse_trains_policy=True`` backpropagates it into θ too).
 
+**The chain target** (``reverse_target="chain"``). Adding J_bᵀ(forward residual) to the
+reverse residual leaves (J_θ − J_b)ᵀ(x_{k+1} − m_θ)/s², which has mean zero under the rollout's
+own step; so the two conditions together say
+
+    ∇ log F̃(x_k) = J_b(x_k)ᵀ ∇ log F̃(x_{k+1})     in expectation over x_{k+1} ~ P_F^θ(·|x_k),
+
+the adjoint equation one step at a time, with the learned flow one step later in place of the
+pathwise adjoint (so no products of Jacobians and no heavy tail). With the paper's target the
+flow at x_k is regressed onto J_bᵀ(m_θ − m_b)/s², what the CURRENT policy implies: the flow
+then tracks the policy rather than the reward, and where the policy is poorly fitted — the low
+density watershed between modes, where log F̃ jumps — the jump is lost step after step. Measured
+on DESIGN §6's mixture (ddpm, K = 25, linear reward, left-mode weight: tilt 0.119): the paper's
+target plateaus at 0.36 (900 iterations: 0.36), the exact flow in its place gives 0.19, the chain
+target 0.24 (0.17 with ``gamma="one"``, ``lookahead_model="base"``, tests/test_solver_ground_truth.py).
+
 Output regularisation (the reference code's ``unet_reg``): pred_ref are the predictions of the
 iterate that generated the rollout, stored on the sampled transitions (one no-grad forward
 each) before the first update. Each iteration makes ``inner_steps`` updates on disjoint
@@ -322,6 +337,11 @@ class NablaDB(Solver):
         no_flow: drop g_φ (flow score = forward-looking term only); the reverse term then has
             nothing to train and is skipped unless ``reverse_trains_policy``.
         reverse_trains_policy: backpropagate the reverse term into θ (a second-order graph).
+        reverse_target: the reverse term's target for the flow score ∇log F̃(x_k): ``"policy"``
+            (the paper: minus the policy's reverse residual; the forward term trains g_φ too) or
+            ``"chain"``: J_bᵀ ∇log F̃(x_{k+1}) (module docstring) — g_φ learns from the flow one
+            step later instead of from the current policy, the forward term trains θ only, and
+            the reverse term is not weighted by ``step_weighting``.
         step_weighting: ``"none"`` (plain ∇-DB), ``"variance"``: weight step k by s_k², which
             puts the forward term in control units ‖u_k − s_k∇log F̃‖² (u_k = (m_θ − m_base)/s_k)
             instead of letting the smallest-noise steps dominate by 1/s_k², or ``"prediction"``:
@@ -330,6 +350,9 @@ class NablaDB(Solver):
             conditioned when the s_k and c_k span decades). Same minimiser for all three.
         flow_net: ``"auto"``, ``"mlp"`` or ``"conv"``; flow_hidden, flow_depth, flow_time_features:
             its size (hidden defaults: 128 for the MLP, 32 channels for the conv net).
+        flow_scale: g_φ's output multiplier (with Adam, a learning-rate factor for g_φ's output).
+        flow_warmup: iterations at the start during which g_φ is frozen (the policy learns
+            against the forward-looking term alone).
     """
 
     wants_memoryless = True
@@ -339,7 +362,7 @@ class NablaDB(Solver):
                  stratified: bool = True, forward_weight: float = 1.0, reverse_weight: float = 1.0,
                  terminal_weight: float = 1.0, anchor_weight: float = 1.0, reg_weight: float = 0.0,
                  inner_steps: int = 1, gamma: GammaSpec = "alpha2", lookahead_model: str = "finetuned",
-                 no_flow: bool = False, reverse_trains_policy: bool = False, forward_trains_flow: bool = True,
+                 no_flow: bool = False, reverse_trains_policy: bool = False, reverse_target: str = "policy",
                  step_weighting: str = "none",
                  flow_net: str = "auto", flow_hidden: int | None = None, flow_depth: int = 2,
                  flow_time_features: int = 8, flow_scale: float = 1.0, flow_warmup: int = 0) -> None:
@@ -368,7 +391,12 @@ class NablaDB(Solver):
         self.reg_weight, self.inner_steps = float(reg_weight), int(inner_steps)
         self.gamma_spec, self.lookahead_model = gamma, lookahead_model
         self.no_flow, self.reverse_trains_policy = bool(no_flow), bool(reverse_trains_policy)
-        self.forward_trains_flow = bool(forward_trains_flow)
+        if reverse_target not in ("policy", "chain"):
+            raise SoctuneError(f"reverse_target must be 'policy' or 'chain', got '{reverse_target}'")
+        if reverse_target == "chain" and (no_flow or reverse_trains_policy):
+            raise SoctuneError("reverse_target='chain' trains the flow network g_φ only; it cannot be combined with "
+                               "no_flow or reverse_trains_policy (use reverse_target='policy')")
+        self.reverse_target = reverse_target
         self.step_weighting = step_weighting
         if not flow_scale > 0:
             raise SoctuneError(f"flow_scale must be > 0, got {flow_scale}")
@@ -467,20 +495,34 @@ class NablaDB(Solver):
                          idx: Tensor) -> dict[str, Tensor]:
         """Forward and reverse ∇-DB terms of transition k on the samples ``idx``; returns
         {"forward", "reverse"} scalar losses and the prediction "pred" [b,*S] (with graph)."""
+        chain = self.reverse_target == "chain"
         want_rev = self.reverse_weight > 0 and (self.flow is not None or self.reverse_trains_policy)
-        reuse = want_rev and self.lookahead_model == "finetuned" and self._gamma(float(traj.ts[k])) > 0
-        res = self.residual_scores(ctx, traj, k, cond, idx, reverse=want_rev, lookahead=reuse)
+        reuse = want_rev and not chain and self.lookahead_model == "finetuned" and self._gamma(float(traj.ts[k])) > 0
+        res = self.residual_scores(ctx, traj, k, cond, idx, reverse=want_rev and not chain, lookahead=reuse)
         x, x_next = traj.xs[k][idx], traj.xs[k + 1][idx]
         target_next = (self.terminal_score(ctx, traj, x_next, T, cond, idx) if k + 1 == T
                        else self.flow_score(ctx, traj, k + 1, x_next, cond, idx))
-        if not self.forward_trains_flow:
-            target_next = target_next.detach()
         w = self._step_weight(ctx.process, traj, k)
-        terms = {"forward": w * (res["forward"] - target_next).pow(2).mean(), "pred": res["pred"]}
-        if want_rev:
+        fwd_target = target_next.detach() if chain else target_next
+        terms = {"forward": w * (res["forward"] - fwd_target).pow(2).mean(), "pred": res["pred"]}
+        if want_rev and chain:
+            score_k = self.flow_score(ctx, traj, k, x, cond, idx)
+            terms["reverse"] = (score_k - self.chain_target(ctx, traj, k, cond, idx, target_next)).pow(2).mean()
+        elif want_rev:
             score_k = self.flow_score(ctx, traj, k, x, cond, idx, reward_grad=res.get("reward_grad"))
             terms["reverse"] = w * (res["reverse"] + score_k).pow(2).mean()
         return terms
+
+    def chain_target(self, ctx: FinetuneContext, traj: Trajectory, k: int, cond: Any, idx: Tensor,
+                     score_next: Tensor) -> Tensor:
+        """J_bᵀ(x_k) ∇log F̃(x_{k+1}), [b,*S], detached: one vector-Jacobian product through the
+        base mean map (the reverse condition with the forward one substituted, see the class)."""
+        x = traj.xs[k][idx].detach().requires_grad_(True)
+        state = index_batch(traj.states[k], idx, traj.batch_size)
+        with torch.enable_grad(), ctx.model.base():
+            m_b = pred_step(ctx.process, ctx.model, x, k, cond, state)[1].mean
+            (g,) = torch.autograd.grad(m_b, x, grad_outputs=score_next.detach())
+        return g.detach()
 
     def _step_weight(self, process: Process, traj: Trajectory, k: int) -> float:
         s2 = float(traj.stds[k]) ** 2
