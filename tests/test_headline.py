@@ -6,7 +6,8 @@ CNN) sorts into digits. Acceptance (issue #6): ≥ 60% threes, and the pixel spr
 threes ≥ 70% of the base model's (same command without the LoRA, same seed).
 
 Measured (seed 0, 2 cores): adjoint-matching on fm-memoryless 82% threes in the finetune
-evaluation; nabla-db on ddpm 70% threes (180/256) from `soctune sample`, spread 4.11 vs base 3.99.
+evaluation; nabla-db on ddpm (chain flow target) 99.6% threes (255/256) from `soctune sample`, spread
+3.53 vs base 3.43 (the paper's flow target: 70%, spread 4.11 vs 3.99).
 The spread ratio has been ≥ 1.0 in every run, so 0.7 leaves a wide margin; the share margin is
 10–20 points.
 """
