@@ -111,17 +111,22 @@ def model_step(process: Process, model: Denoiser, x: Tensor, k: int, cond: Any,
     return process.step_kernel(x, k, pred, state, model.prediction_type)
 
 
+def step_prediction_coefficient(process: Process, k: int, x: Tensor, state: dict[str, Tensor],
+                                prediction_type: str) -> float:
+    """c_k = ∂m_k/∂pred: the (affine) step kernel's response to a unit change of the model
+    prediction, probed at the state x [1,*S] (any state: the mean map is affine in the prediction
+    with a state-independent slope on every built-in process)."""
+    m0 = process.step_kernel(x, k, torch.zeros_like(x), state, prediction_type).mean
+    m1 = process.step_kernel(x, k, torch.ones_like(x), state, prediction_type).mean
+    return float((m1 - m0).double().mean())
+
+
 def prediction_coefficients(process: Process, traj: "Trajectory") -> Tensor:
-    """c_k = ∂m_k/∂pred, [K] float64: the (affine) step kernel's response to a unit change of
-    the model prediction, probed on the first recorded state of each step. Solvers use it to
-    express a mean-space residual in prediction units (pred_θ − pred_base = c_k⁻¹(m_θ − m_base))."""
-    out = []
-    for k in range(traj.num_steps):
-        x = traj.xs[k][:1]
-        m0 = process.step_kernel(x, k, torch.zeros_like(x), traj.states[k], traj.prediction_type).mean
-        m1 = process.step_kernel(x, k, torch.ones_like(x), traj.states[k], traj.prediction_type).mean
-        out.append(float((m1 - m0).double().mean()))
-    return torch.tensor(out, dtype=torch.float64)
+    """c_k of every step, [K] float64 (:func:`step_prediction_coefficient` on the first recorded
+    state of each step). Solvers use it to express a mean-space residual in prediction units
+    (pred_θ − pred_base = c_k⁻¹(m_θ − m_base))."""
+    return torch.tensor([step_prediction_coefficient(process, k, traj.xs[k][:1], traj.states[k], traj.prediction_type)
+                         for k in range(traj.num_steps)], dtype=torch.float64)
 
 
 def rollout(process: Process, model: Denoiser, *, batch_size: int | None = None,

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from soctune.models.base import CorrectedDenoiser, Denoiser
-from soctune.trajectory import model_step
+from soctune.trajectory import model_step, step_prediction_coefficient
 
 
 @dataclass
@@ -116,11 +116,8 @@ class DiscreteOptimumPolicy(CorrectedDenoiser):
         self.optima = [optimum, optimum_x2]
         self.times = process.ts[:-1].double()
         x = torch.zeros(1, 2, dtype=torch.float64)
-        self.coefs = []
-        for k in range(process.num_steps):
-            m0 = process.step_kernel(x, k, torch.zeros_like(x), process.init_state(), base.prediction_type).mean
-            m1 = process.step_kernel(x, k, torch.ones_like(x), process.init_state(), base.prediction_type).mean
-            self.coefs.append(float((m1 - m0)[0, 0]))
+        self.coefs = [step_prediction_coefficient(process, k, x, process.init_state(), base.prediction_type)
+                      for k in range(process.num_steps)]
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         out = self.base_model(x, t, cond)
