@@ -30,7 +30,7 @@ from soctune.models.gmm import (GaussianMixture, GaussianMixtureDenoiser, mixtur
                                 sliced_wasserstein, two_mode_mixture)
 from soctune.rewards.base import LinearReward, QuadraticReward
 from soctune.sde import get_process
-from soctune.trajectory import model_step, rollout
+from soctune.trajectory import model_step, rollout, step_prediction_coefficient
 
 pytestmark = pytest.mark.slow
 
@@ -115,13 +115,12 @@ class ControlGainDenoiser(CorrectedDenoiser):
 
     def __init__(self, base_model: Denoiser, process: Any, dim: int = 2, **net_options: Any) -> None:
         super().__init__(base_model, dim, base_features=True, **net_options)
-        x = torch.zeros(1, dim)
+        x, state = torch.zeros(1, dim), process.init_state()
         gains = []
         for k in range(process.num_steps):
-            m0 = process.step_kernel(x, k, torch.zeros_like(x), process.init_state(), self.prediction_type)
-            m1 = process.step_kernel(x, k, torch.ones_like(x), process.init_state(), self.prediction_type)
-            c = float((m1.mean - m0.mean).abs().mean())
-            gains.append(float(m0.std) / c if c > 0 else 0.0)
+            c = abs(step_prediction_coefficient(process, k, x, state, self.prediction_type))
+            std = float(process.step_kernel(x, k, torch.zeros_like(x), state, self.prediction_type).std)
+            gains.append(std / c if c > 0 else 0.0)
         self.register_buffer("times", process.ts[:-1].clone().double(), persistent=False)
         self.register_buffer("gains", torch.tensor(gains, dtype=torch.float64), persistent=False)
 
@@ -168,25 +167,30 @@ def fmt(rep: dict[str, Any]) -> str:
 
 
 # ---- the tilt-claiming solvers ------------------------------------------------------------------
-#: (solver, process) -> solver options and training settings (soctune.finetune keyword arguments)
-SETTINGS: dict[tuple[str, str], dict[str, Any]] = {
-    # fm-memoryless: the pathwise lean adjoint, as in the paper (the quadratic case passes on seeds 0–2;
-    # estimator="score" with 3×256 gives 0.319/0.347/0.331 on seeds 0/1/2, SW 0.160/0.286/0.217 vs bound 0.237)
-    ("adjoint-matching", "fm-memoryless"): {"solver_options": {}, "control_gain": True,
-                                            "net": {"hidden": 128, "depth": 2}, "iters": 300,
-                                            "batch_size": 256, "lr": 3e-4, "grad_clip": 0.0},
-    # ddpm: estimator="score" (finite-variance Stein target, see the note above KNOWN_GAPS) and 3×256,
-    # the best measured on both ddpm cases (quadratic 0.318 vs the pathwise adjoint's 0.351)
-    ("adjoint-matching", "ddpm"): {"solver_options": {"estimator": "score"}, "control_gain": True,
-                                   "net": {"hidden": 256, "depth": 3}, "iters": 300, "batch_size": 256,
-                                   "lr": 3e-4, "grad_clip": 0.0},
+#: (solver, process, estimator variant) -> solver options and training settings (soctune.finetune
+#: keyword arguments)
+SETTINGS: dict[tuple[str, str, str], dict[str, Any]] = {
+    # estimator="score" (the finite-variance Stein target, see the note above KNOWN_GAPS), 3×256 and,
+    # on fm-memoryless, batch 512: the only AM setting measured inside the bounds on both rewards and
+    # seeds 0–2 of both processes (fm with batch 256: quadratic seed 1 SW 0.286 vs bound 0.277)
+    ("adjoint-matching", "fm-memoryless", "score"): {"solver_options": {"estimator": "score"}, "control_gain": True,
+                                                     "net": {"hidden": 256, "depth": 3}, "iters": 300,
+                                                     "batch_size": 512, "lr": 3e-4, "grad_clip": 0.0},
+    # the paper's pathwise lean adjoint, as shipped by default: passes the quadratic reward, not the
+    # linear one (KNOWN_GAPS); with 3×256 it scatters 0.116 / 0.218 / 0.199 over seeds 0–2 (linear)
+    ("adjoint-matching", "fm-memoryless", "pathwise"): {"solver_options": {}, "control_gain": True,
+                                                        "net": {"hidden": 128, "depth": 2}, "iters": 300,
+                                                        "batch_size": 256, "lr": 3e-4, "grad_clip": 0.0},
+    ("adjoint-matching", "ddpm", "score"): {"solver_options": {"estimator": "score"}, "control_gain": True,
+                                            "net": {"hidden": 256, "depth": 3}, "iters": 300, "batch_size": 256,
+                                            "lr": 3e-4, "grad_clip": 0.0},
     # ∇-DB: the chain target for the flow (the paper's target plateaus at 0.36 / 0.42, see
     # soctune/solvers/nabla_db.py), the forward-looking term at full weight through the base
     # model's x̂₁ (γ = 1), half the transitions per iteration, the AM ddpm network
-    ("nabla-db", "ddpm"): {"solver_options": {"step_weighting": "variance", "reverse_target": "chain", "gamma": "one",
-                                              "lookahead_model": "base", "transitions": 0.5},
-                           "control_gain": True, "net": {"hidden": 256, "depth": 3}, "iters": 300,
-                           "batch_size": 256, "lr": 3e-4},
+    ("nabla-db", "ddpm", "chain"): {"solver_options": {"step_weighting": "variance", "reverse_target": "chain",
+                                                       "gamma": "one", "lookahead_model": "base", "transitions": 0.5},
+                                    "control_gain": True, "net": {"hidden": 256, "depth": 3}, "iters": 300,
+                                    "batch_size": 256, "lr": 3e-4},
 }
 #: SW(samples, exact) ≤ 1.5·SW(exact, exact) + SW_MARGIN + the K-step optimum's own SW excess over
 #: exact-vs-exact. SW_MARGIN is the solver's share: the passing cases measure up to 0.19 above
@@ -204,8 +208,9 @@ WEIGHT_TOL, MEAN_TOL = 0.05, 0.15
 #:   the discretisation, which no solver of the K-step problem beats;
 #: - a noise-free regression of the network on that optimum (same loop, target u*) reaches 0.180 with
 #:   2×128 and 0.155 with 3×256: the network and budget;
-#: - AM with the pathwise lean adjoint: 0.199 (2×128), 0.191 (3×256); with estimator="score": 0.198,
-#:   0.160 (600 iterations: 0.166, J −0.388 vs the optimum's −0.417): the estimator.
+#: - AM with the pathwise lean adjoint: 0.199 (2×128); 3×256: 0.116 / 0.218 / 0.199 over seeds 0–2;
+#:   with estimator="score": 0.198 (2×128), 0.160 (3×256; 600 iterations: 0.166, J −0.388 vs the
+#:   optimum's −0.417), 0.173 / 0.166 / 0.162 with batch 512: the estimator.
 #: The pathwise target (python benchmarks/adjoint_tails.py) has a Pareto tail at the steps that choose
 #: the mode — Hill index 1.1–1.2 (fm, linear), 1.3 (ddpm, quadratic), the top 1% of samples carrying
 #: 89–99% of Σ‖target‖²: a derivative through the base chain's watershed is like that of a smoothed
@@ -215,7 +220,8 @@ WEIGHT_TOL, MEAN_TOL = 0.05, 0.15
 #: quadratic 0.272 → 0.367 in 150). Also measured (fm linear, pathwise): variant="basic" 0.171,
 #: bootstrap=0.1 0.239, bootstrap 0.5 switched on after 200 plain iterations 0.204 → 0.323.
 #: What is left with the score target: seed-to-seed spread (quadratic, seeds 0/1/2: 0.318/0.340/0.333
-#: ddpm, 0.319/0.347/0.331 fm) and, with the linear reward, a left mode at x₁ ≈ −1.65…−1.71 (optimum −1.81).
+#: ddpm; fm 0.319/0.347/0.331 with batch 256, 0.329/0.333/0.334 with 512) and, with the linear reward,
+#: a left mode at x₁ ≈ −1.65…−1.75 (optimum −1.81).
 #: ∇-DB with the paper's reverse target (the flow regressed onto what the current policy implies)
 #: plateaued at 0.364 (linear) / 0.424 (quadratic) — 900 iterations 0.360, lr 3e-3 0.347, 3×256 0.411 —
 #: and, started at the exact tilt, stayed there even with a wrong λ = 2: the learned flow tracked the
@@ -223,25 +229,24 @@ WEIGHT_TOL, MEAN_TOL = 0.05, 0.15
 #: its place (grid recursion) the same policy net reaches 0.19; reverse_target="chain" (the flow at x_k
 #: regressed onto J_bᵀ × the flow at x_{k+1}) gives 0.24 / 0.41 with the old settings, and with the
 #: settings above (γ = 1 through the base's x̂₁, half the transitions, 3×256) passes both rewards.
-KNOWN_GAPS: dict[tuple[str, str, str], str] = {
-    ("adjoint-matching", "fm-memoryless", "linear"):
+KNOWN_GAPS: dict[tuple[str, str, str, str], str] = {
+    ("adjoint-matching", "fm-memoryless", "pathwise", "linear"):
         "weights 0.199/0.801 (exact 0.119/0.881, K-step optimum ≈ 0.145; err 0.080 vs 0.074 allowed), mean "
         "err 0.157, SW 0.475 vs bound 0.41; 600 iterations: 0.204/0.796, no better; SOC cost J = −0.33 "
-        "(the K-step optimum: −0.41); estimator=score with 3×256 (the ddpm setting) reaches 0.160/0.840, "
-        "mean err 0.223, SW 0.300 — inside the bounds on seed 0, but fm-memoryless quadratic then misses "
-        "the SW bound on seed 1 (0.286 vs 0.277), so fm keeps the paper's pathwise adjoint",
+        "(the K-step optimum: −0.41); 3×256: 0.116 / 0.218 / 0.199 over seeds 0–2 (the heavy-tailed "
+        "target); the score estimator passes (the 'score' case)",
 }
 
 
-def _case(solver: str, process: str, reward: str) -> Any:
-    gap = KNOWN_GAPS.get((solver, process, reward))
+def _case(solver: str, process: str, variant: str, reward: str) -> Any:
+    gap = KNOWN_GAPS.get((solver, process, variant, reward))
     # the gaps cost ~2 min each and are known: they run only on request (SOCTUNE_RUN_GAPS=1)
     run_gaps = os.environ.get("SOCTUNE_RUN_GAPS") == "1"
     marks = [pytest.mark.xfail(reason=f"not yet at the tolerance: {gap}", strict=False, run=run_gaps)] if gap else []
-    return pytest.param(solver, process, reward, id=f"{solver}-{process}-{reward}", marks=marks)
+    return pytest.param(solver, process, variant, reward, id=f"{solver}-{process}-{variant}-{reward}", marks=marks)
 
 
-CASES = [_case(solver, process, reward) for (solver, process) in SETTINGS for reward in ("linear", "quadratic")]
+CASES = [_case(*key, reward) for key in SETTINGS for reward in ("linear", "quadratic")]
 
 
 _OPTIMUM_ERRORS: dict[tuple[str, str], dict[str, Any]] = {}
@@ -257,10 +262,11 @@ def optimum_error(process_name: str, reward_kind: str) -> dict[str, Any]:
     return _OPTIMUM_ERRORS[key]
 
 
-def train(solver: str, process_name: str, reward_kind: str, seed: int = 0) -> tuple[Any, dict[str, Any]]:
-    """Fine-tune the exact base + control-units correction with ``soctune.finetune``; report on
-    4096 samples of the fine-tuned chain against the closed-form tilt."""
-    settings = dict(SETTINGS[(solver, process_name)])
+def train(solver: str, process_name: str, variant: str, reward_kind: str, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """Fine-tune the exact base + control-units correction with ``soctune.finetune`` (settings
+    ``SETTINGS[(solver, process_name, variant)]``); report on 4096 samples of the fine-tuned chain
+    against the closed-form tilt."""
+    settings = dict(SETTINGS[(solver, process_name, variant)])
     options = {"reward_scale": LAM, **settings.pop("solver_options")}
     process = make_process(process_name)
     reward, tilt, _ = reward_problem(reward_kind, LAM)
@@ -277,13 +283,16 @@ def train(solver: str, process_name: str, reward_kind: str, seed: int = 0) -> tu
     return ft, mixture_report(x, tilt)
 
 
-@pytest.mark.parametrize("solver, process_name, reward_kind", CASES)
-def test_solver_reaches_the_closed_form_tilt(solver: str, process_name: str, reward_kind: str) -> None:
+@pytest.mark.parametrize("solver, process_name, variant, reward_kind", CASES)
+def test_solver_reaches_the_closed_form_tilt(solver: str, process_name: str, variant: str, reward_kind: str) -> None:
     """Weights within 0.05 and component means within 0.15 of the closed-form tilt, SW to exact tilt
     samples ≤ 1.5 × exact-vs-exact + SW_MARGIN, each plus the exact K-step optimum's own error.
 
     Measured with this code, seeds 0/1/2 (300 iterations, ≈ 70–120 s each):
-    adjoint-matching, fm-memoryless, quadratic (pathwise adjoint, 2×128): weights 0.322/0.317/0.339
+    adjoint-matching (score), fm-memoryless, linear: weights 0.173/0.166/0.162 (bound 0.193), mean err
+    0.120/0.220/0.181 (bound 0.232), SW 0.370/0.323/0.307 (bound ≈ 0.41); quadratic: 0.329/0.333/0.334
+    (bound 0.356), mean err 0.041/0.055/0.039, SW 0.206/0.221/0.227 (bound ≈ 0.28);
+    adjoint-matching (pathwise), fm-memoryless, quadratic (2×128): weights 0.322/0.317/0.339
     (exact 0.291; the K-step optimum ≈ 0.306), SW 0.170/0.154/0.248 (bound ≈ 0.28), mean err ≤ 0.069;
     adjoint-matching, ddpm, quadratic (score estimator, 3×256): 0.318/0.340/0.333, SW 0.162/0.266/0.227
     (bound ≈ 0.30), mean err 0.069/0.067/0.040;
@@ -296,8 +305,8 @@ def test_solver_reaches_the_closed_form_tilt(solver: str, process_name: str, rew
     """
     opt = optimum_error(process_name, reward_kind)
     t0 = time.perf_counter()
-    ft, rep = train(solver, process_name, reward_kind)
-    print(f"{solver} on {process_name}, {reward_kind}: {fmt(rep)}; {time.perf_counter() - t0:.0f} s; "
+    ft, rep = train(solver, process_name, variant, reward_kind)
+    print(f"{solver} ({variant}) on {process_name}, {reward_kind}: {fmt(rep)}; {time.perf_counter() - t0:.0f} s; "
           f"K-step optimum: weight err {opt['weight_err']:.3f}, mean err {opt['mean_err']:.3f}, SW {opt['sw']:.3f}")
     assert rep["weight_err"] <= WEIGHT_TOL + opt["weight_err"], fmt(rep)
     assert rep["mean_err"] <= MEAN_TOL + opt["mean_err"], fmt(rep)

@@ -59,13 +59,14 @@ own step; so the two conditions together say
     ∇ log F̃(x_k) = J_b(x_k)ᵀ ∇ log F̃(x_{k+1})     in expectation over x_{k+1} ~ P_F^θ(·|x_k),
 
 the adjoint equation one step at a time, with the learned flow one step later in place of the
-pathwise adjoint (so no products of Jacobians and no heavy tail). With the paper's target the
+pathwise adjoint (one Jacobian per target, not a product along the path). With the paper's target the
 flow at x_k is regressed onto J_bᵀ(m_θ − m_b)/s², what the CURRENT policy implies: the flow
 then tracks the policy rather than the reward, and where the policy is poorly fitted — the low
 density watershed between modes, where log F̃ jumps — the jump is lost step after step. Measured
 on DESIGN §6's mixture (ddpm, K = 25, linear reward, left-mode weight: tilt 0.119): the paper's
-target plateaus at 0.36 (900 iterations: 0.36), the exact flow in its place gives 0.19, the chain
-target 0.24 (0.17 with ``gamma="one"``, ``lookahead_model="base"``, tests/test_solver_ground_truth.py).
+target plateaus at 0.36 (900 iterations: 0.36), the exact flow score in its place gives 0.19, the
+chain target 0.24 with the same settings, and 0.16–0.18 over three seeds with ``gamma="one"``,
+``lookahead_model="base"``, half the transitions and a larger network (tests/test_solver_ground_truth.py).
 
 Output regularisation (the reference code's ``unet_reg``): pred_ref are the predictions of the
 iterate that generated the rollout, stored on the sampled transitions (one no-grad forward
@@ -76,6 +77,7 @@ rollout policy; with ``inner_steps = 1`` it is identically zero and skipped.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Iterator
 
@@ -500,11 +502,12 @@ class NablaDB(Solver):
         reuse = want_rev and not chain and self.lookahead_model == "finetuned" and self._gamma(float(traj.ts[k])) > 0
         res = self.residual_scores(ctx, traj, k, cond, idx, reverse=want_rev and not chain, lookahead=reuse)
         x, x_next = traj.xs[k][idx], traj.xs[k + 1][idx]
-        target_next = (self.terminal_score(ctx, traj, x_next, T, cond, idx) if k + 1 == T
-                       else self.flow_score(ctx, traj, k + 1, x_next, cond, idx))
+        # with the chain target the flow one step later is a constant target (no graph into φ)
+        with torch.no_grad() if chain else contextlib.nullcontext():
+            target_next = (self.terminal_score(ctx, traj, x_next, T, cond, idx) if k + 1 == T
+                           else self.flow_score(ctx, traj, k + 1, x_next, cond, idx))
         w = self._step_weight(ctx.process, traj, k)
-        fwd_target = target_next.detach() if chain else target_next
-        terms = {"forward": w * (res["forward"] - fwd_target).pow(2).mean(), "pred": res["pred"]}
+        terms = {"forward": w * (res["forward"] - target_next).pow(2).mean(), "pred": res["pred"]}
         if want_rev and chain:
             score_k = self.flow_score(ctx, traj, k, x, cond, idx)
             terms["reverse"] = (score_k - self.chain_target(ctx, traj, k, cond, idx, target_next)).pow(2).mean()
@@ -516,7 +519,7 @@ class NablaDB(Solver):
     def chain_target(self, ctx: FinetuneContext, traj: Trajectory, k: int, cond: Any, idx: Tensor,
                      score_next: Tensor) -> Tensor:
         """J_bᵀ(x_k) ∇log F̃(x_{k+1}), [b,*S], detached: one vector-Jacobian product through the
-        base mean map (the reverse condition with the forward one substituted, see the class)."""
+        base mean map (the reverse condition with the forward one substituted, module docstring)."""
         x = traj.xs[k][idx].detach().requires_grad_(True)
         state = index_batch(traj.states[k], idx, traj.batch_size)
         with torch.enable_grad(), ctx.model.base():
