@@ -182,7 +182,7 @@ def test_chain_target_is_the_reverse_condition_with_the_forward_one_substituted(
     idx = torch.arange(traj.batch_size)
     for k in traj.stochastic_steps()[:-1]:
         res = solver.residual_scores(ctx, traj, k, None, idx, reverse=True)
-        lhs = res["reverse"] + solver.chain_target(ctx, traj, k, None, idx, res["forward"].detach())
+        lhs = res["reverse"] + solver.chain_target(ctx, traj, k, None, idx, res["forward"].detach())[0]
         x = traj.xs[k].clone().requires_grad_(True)
         m_ft = model_step(process, model, x, k, None, traj.states[k]).mean
         v = ((traj.xs[k + 1] - m_ft) / traj.stds[k] ** 2).detach()

@@ -509,23 +509,30 @@ class NablaDB(Solver):
         w = self._step_weight(ctx.process, traj, k)
         terms = {"forward": w * (res["forward"] - target_next).pow(2).mean(), "pred": res["pred"]}
         if want_rev and chain:
-            score_k = self.flow_score(ctx, traj, k, x, cond, idx)
-            terms["reverse"] = (score_k - self.chain_target(ctx, traj, k, cond, idx, target_next)).pow(2).mean()
+            lookahead = self.lookahead_model == "base" and self._gamma(float(traj.ts[k])) > 0
+            target, reward_grad = self.chain_target(ctx, traj, k, cond, idx, target_next, lookahead=lookahead)
+            score_k = self.flow_score(ctx, traj, k, x, cond, idx, reward_grad=reward_grad)
+            terms["reverse"] = (score_k - target).pow(2).mean()
         elif want_rev:
             score_k = self.flow_score(ctx, traj, k, x, cond, idx, reward_grad=res.get("reward_grad"))
             terms["reverse"] = w * (res["reverse"] + score_k).pow(2).mean()
         return terms
 
     def chain_target(self, ctx: FinetuneContext, traj: Trajectory, k: int, cond: Any, idx: Tensor,
-                     score_next: Tensor) -> Tensor:
-        """J_bᵀ(x_k) ∇log F̃(x_{k+1}), [b,*S], detached: one vector-Jacobian product through the
-        base mean map (the reverse condition with the forward one substituted, module docstring)."""
+                     score_next: Tensor, lookahead: bool = False) -> tuple[Tensor, Tensor | None]:
+        """J_bᵀ(x_k) ∇log F̃(x_{k+1}) (one vector-Jacobian product through the base mean map: the
+        reverse condition with the forward one substituted, module docstring) and, with
+        ``lookahead``, ∇_{x_k} r(x̂₁^base(x_k)) from the same base forward pass; [b,*S], detached."""
         x = traj.xs[k][idx].detach().requires_grad_(True)
         state = index_batch(traj.states[k], idx, traj.batch_size)
+        reward_grad = None
         with torch.enable_grad(), ctx.model.base():
-            m_b = pred_step(ctx.process, ctx.model, x, k, cond, state)[1].mean
-            (g,) = torch.autograd.grad(m_b, x, grad_outputs=score_next.detach())
-        return g.detach()
+            out = pred_step(ctx.process, ctx.model, x, k, cond, state)[1]
+            (g,) = torch.autograd.grad(out.mean, x, grad_outputs=score_next.detach(), retain_graph=lookahead)
+            if lookahead:
+                x1 = out.x0 if out.x0 is not None else x
+                (reward_grad,) = torch.autograd.grad(ctx.reward(x1, cond).float().sum(), x)
+        return g.detach(), None if reward_grad is None else reward_grad.detach()
 
     def _step_weight(self, process: Process, traj: Trajectory, k: int) -> float:
         s2 = float(traj.stds[k]) ** 2
