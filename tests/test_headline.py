@@ -5,7 +5,7 @@ Each fine-tunes the shipped digits model on reward log p(3 | x) with its preset,
 CNN) sorts into digits. Acceptance (issue #6): ≥ 60% threes, and the pixel spread among the
 threes ≥ 70% of the base model's (same command without the LoRA, same seed).
 
-Measured (seed 0, 2 cores): adjoint-matching on fm-memoryless 82% threes in the finetune
+Measured (seed 0, 2 cores): adjoint-matching on fm-memoryless 96.9% threes in the finetune
 evaluation; nabla-db on ddpm (chain flow target) 99.6% threes (255/256) from `soctune sample`, spread
 3.53 vs base 3.43 (the paper's flow target: 70%, spread 4.11 vs 3.99).
 The spread ratio has been ≥ 1.0 in every run, so 0.7 leaves a wide margin; the share margin is
