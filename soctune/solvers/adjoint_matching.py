@@ -222,6 +222,16 @@ class AdjointMatching(Solver):
         adjoints.reverse()
         return AdjointPass(torch.stack(adjoints), torch.stack(base_means), reward)
 
+    @staticmethod
+    def control_costs(traj: Trajectory, base_means: Tensor) -> Tensor:
+        """½‖u_k‖² per step and sample, [K, B] float64, with u_k = (m_θ − m_base)/s_k on the
+        stochastic steps (the rollout recorded m_θ) and 0 on deterministic ones."""
+        costs = torch.zeros(traj.num_steps, traj.batch_size, dtype=torch.float64, device=traj.xs.device)
+        for k in traj.stochastic_steps():
+            u = (traj.means[k] - base_means[k]) / traj.stds[k]
+            costs[k] = 0.5 * u.flatten(1).double().pow(2).sum(1)
+        return costs
+
     @torch.no_grad()
     def score_pass(self, ctx: FinetuneContext, traj: Trajectory) -> AdjointPass:
         """Stein form of the regression target, packed like an adjoint so the loss is unchanged:
@@ -231,12 +241,13 @@ class AdjointMatching(Solver):
         model = ctx.model.unguided()
         reward = self.reward_of(ctx, traj.xs[-1].float(), traj.cond).detach()
         B, K = traj.batch_size, traj.num_steps
+        with model.base():
+            base_means = torch.stack([model_step(ctx.process, model, traj.xs[k], k, traj.cond, traj.states[k]).mean
+                                      for k in range(K)])
+        step_costs = self.control_costs(traj, base_means)
         cost_to_go = -self.reward_scale * reward.double()
         adjoints = torch.zeros_like(traj.xs)
-        base_means: list[Tensor] = [torch.empty(0)] * K
         for k in range(K - 1, -1, -1):
-            with model.base():
-                base_means[k] = model_step(ctx.process, model, traj.xs[k], k, traj.cond, traj.states[k]).mean
             s = float(traj.stds[k])
             if s == 0:
                 continue
@@ -244,9 +255,8 @@ class AdjointMatching(Solver):
             baseline = (cost_to_go.sum() - cost_to_go) / (B - 1) if B > 1 else torch.zeros_like(cost_to_go)
             weight = (cost_to_go - baseline).to(traj.xs.dtype).reshape(B, *[1] * (traj.xs.dim() - 2))
             adjoints[k + 1] = weight * traj.noises[k] / s
-            u = (traj.means[k] - base_means[k]) / s
-            cost_to_go = cost_to_go + 0.5 * u.flatten(1).double().pow(2).sum(1)
-        return AdjointPass(adjoints, torch.stack(base_means), reward.float())
+            cost_to_go = cost_to_go + step_costs[k]
+        return AdjointPass(adjoints, base_means, reward.float())
 
     def bootstrap_weights(self, process: Process, traj: Trajectory) -> list[float]:
         """β_k = β · min(1, ρ_k / median_j ρ_j) with ρ_k = s_k²/|c_k| (0 on deterministic steps).
@@ -311,10 +321,7 @@ class AdjointMatching(Solver):
         adj = sweep.adjoints
 
         # control cost of the sampled chain (free: the rollout recorded the fine-tuned means)
-        cost = torch.zeros(traj.batch_size, dtype=torch.float64, device=traj.xs.device)
-        for k in stochastic:
-            u = (traj.means[k] - sweep.base_means[k]) / traj.stds[k]
-            cost += 0.5 * u.flatten(1).double().pow(2).sum(1)
+        cost = self.control_costs(traj, sweep.base_means).sum(0)
 
         lam_r = self.reward_scale * sweep.reward.double()
         metrics = {
