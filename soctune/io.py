@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -69,15 +71,6 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` through :func:`atomic_write_bytes` (serialised in memory first)."""
-    import io
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -176,3 +169,234 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
         if isinstance(exc, WriteError):
             raise
         raise _write_error(Path(path), exc) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint state that cannot run code: one .safetensors file, tensors + a JSON skeleton.
+# --------------------------------------------------------------------------------------------
+
+_STATE_META_KEY = "soctune_state"
+_STATE_FORMAT = 1
+# numpy dtype kinds whose bytes are plain data (no object pointers, no lost structure)
+_NP_KINDS = frozenset("biufcSUMm")
+
+
+class UnsafeOrCorruptStateError(SoctuneError):
+    """A run file that :func:`load_state` refuses: it holds a pickle (which can execute code
+    when loaded), it is corrupt or truncated, or it is not a soctune state. One-line message."""
+
+
+@functools.lru_cache(maxsize=None)
+def _safetensors_dtype_ok(dtype: torch.dtype) -> bool:
+    from safetensors.torch import save
+
+    try:
+        save({"x": torch.empty(0, dtype=dtype)})
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def _key_repr(path: str, key: Any) -> str:
+    return f"{path}[{key!r}]"
+
+
+class _StateEncoder:
+    """Walks a nested state, moving tensors/arrays into ``tensors`` and the rest into JSON."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, Tensor] = {}
+        self._storages: set[tuple[str, int]] = set()
+        self._stack: set[int] = set()
+
+    def _new_key(self) -> str:
+        return f"t{len(self.tensors)}"
+
+    def _add_tensor(self, t: Tensor, path: str) -> str:
+        if t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
+            raise TypeError(f"save_state: cannot store the {t.layout}{' quantized' if t.is_quantized else ''} "
+                            f"tensor on {t.device} at {path}; only dense tensors with data are supported")
+        if not _safetensors_dtype_ok(t.dtype):
+            raise TypeError(f"save_state: cannot store a tensor of dtype {t.dtype} at {path} "
+                            "(safetensors has no such dtype)")
+        t = t.detach().resolve_conj().resolve_neg().to("cpu").contiguous()
+        st = t.untyped_storage()
+        ident = (st.device.type, st.data_ptr())
+        if ident in self._storages or t.numel() == 0:
+            t = t.clone()  # safetensors refuses tensors that share storage: store an independent copy
+        else:
+            self._storages.add(ident)
+        key = self._new_key()
+        self.tensors[key] = t
+        return key
+
+    def encode(self, x: Any, path: str) -> Any:
+        if x is None or type(x) is bool or type(x) is str:
+            return x
+        if type(x) is int:
+            return x
+        if type(x) is float:
+            if math.isfinite(x):
+                return x
+            return {"t": "float", "v": "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")}
+        if isinstance(x, Tensor):
+            if type(x) is not Tensor and not isinstance(x, torch.nn.Parameter):
+                raise TypeError(f"save_state: cannot store the tensor subclass {type(x).__name__} at {path}")
+            return {"t": "tensor", "k": self._add_tensor(x, path)}
+        if type(x) is np.ndarray or isinstance(x, np.generic):
+            arr = np.asarray(x)
+            if arr.dtype.kind not in _NP_KINDS or arr.dtype.hasobject or arr.dtype.fields is not None:
+                what = "array" if isinstance(x, np.ndarray) else "scalar"
+                raise TypeError(f"save_state: cannot store a numpy {what} "
+                                f"of dtype {arr.dtype} at {path}; only bool/int/float/complex/str/datetime dtypes")
+            raw = arr.tobytes(order="C")
+            t = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+            key = self._new_key()
+            self.tensors[key] = t
+            return {"t": "ndarray" if isinstance(x, np.ndarray) else "npscalar", "k": key,
+                    "dtype": arr.dtype.str, "shape": list(arr.shape)}
+        if type(x) in (list, tuple, dict, OrderedDict):
+            if id(x) in self._stack:
+                raise TypeError(f"save_state: {path} refers back to a list/tuple/dict that contains it "
+                                "(a reference cycle)")
+            self._stack.add(id(x))
+            try:
+                if type(x) in (dict, OrderedDict):
+                    items = []
+                    for k, v in x.items():
+                        if type(k) not in (str, int):
+                            raise TypeError(f"save_state: cannot store the {type(k).__name__} dict key {k!r} "
+                                            f"in {path}; dict keys must be str or int")
+                        items.append([k, self.encode(v, _key_repr(path, k))])
+                    if type(x) is dict:
+                        return {"t": "dict", "v": items}
+                    node = {"t": "odict", "v": items}
+                    meta = getattr(x, "_metadata", None)  # nn.Module.state_dict()'s per-module versions
+                    if meta is not None:
+                        node["meta"] = self.encode(meta, f"{path}._metadata")
+                    return node
+                vals = [self.encode(v, f"{path}[{i}]") for i, v in enumerate(x)]
+                return vals if type(x) is list else {"t": "tuple", "v": vals}
+            finally:
+                self._stack.discard(id(x))
+        raise TypeError(f"save_state: cannot store {type(x).__module__}.{type(x).__qualname__} at {path}; "
+                        "supported: tensors, numpy arrays/scalars, int, float, bool, str, None, "
+                        "and lists/tuples/dicts/OrderedDicts (str or int keys) of them")
+
+
+def save_state(path: str | Path, state: dict[str, Any]) -> None:
+    """Save a nested ``state`` as ONE ``.safetensors`` file, atomically (see
+    :func:`atomic_write_bytes`). Every tensor in the nesting is a safetensors tensor (moved to
+    CPU, made contiguous, copied when it shares storage with another); numpy arrays are stored
+    as their bytes (restored with their dtype; numpy scalars likewise); the rest (dicts and
+    OrderedDicts with str/int keys — a ``state_dict()``'s ``_metadata`` kept —, lists, tuples,
+    int, float incl. nan/inf, bool, str, None) goes into a JSON skeleton in the file's
+    metadata. Nothing is pickled, so :func:`load_state` cannot run code. Anything else raises
+    ``TypeError`` naming its key path."""
+    from safetensors.torch import save
+
+    if type(state) is not dict:
+        raise TypeError(f"save_state: the state must be a dict, got {type(state).__name__}")
+    enc = _StateEncoder()
+    root = enc.encode(state, "state")
+    skeleton = json.dumps({"format": _STATE_FORMAT, "root": root}, allow_nan=False, separators=(",", ":"))
+    data = save(enc.tensors, metadata={_STATE_META_KEY: skeleton})
+    atomic_write_bytes(path, data)
+
+
+def _one_line_reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:200]
+
+
+def _corrupt(path: Path, why: str) -> UnsafeOrCorruptStateError:
+    return UnsafeOrCorruptStateError(f"cannot load {path}: not a valid soctune state file — it is corrupt or "
+                                     f"truncated ({why}); point to an intact checkpoint or start a fresh run")
+
+
+def _decode_state(node: Any, tensors: dict[str, Tensor], path: Path) -> Any:
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return node
+    if isinstance(node, list):
+        return [_decode_state(v, tensors, path) for v in node]
+    if not isinstance(node, dict):
+        raise _corrupt(path, f"unexpected {type(node).__name__} in the skeleton")
+    tag = node.get("t")
+    if tag in ("dict", "odict"):
+        out = {} if tag == "dict" else OrderedDict()
+        for item in node.get("v", ()):
+            if not (isinstance(item, list) and len(item) == 2 and type(item[0]) in (str, int)):
+                raise _corrupt(path, "malformed dict entry in the skeleton")
+            out[item[0]] = _decode_state(item[1], tensors, path)
+        if "meta" in node:
+            out._metadata = _decode_state(node["meta"], tensors, path)
+        return out
+    if tag == "tuple":
+        return tuple(_decode_state(v, tensors, path) for v in node.get("v", ()))
+    if tag == "float":
+        v = node.get("v")
+        if v not in ("nan", "inf", "-inf"):
+            raise _corrupt(path, f"bad float {v!r} in the skeleton")
+        return float(v)
+    if tag in ("tensor", "ndarray", "npscalar"):
+        key = node.get("k")
+        if key not in tensors:
+            raise _corrupt(path, f"tensor {key!r} named by the skeleton is missing")
+        t = tensors[key]
+        if tag == "tensor":
+            return t
+        try:
+            dtype = np.dtype(str(node["dtype"]))
+            shape = tuple(int(s) for s in node["shape"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _corrupt(path, f"bad numpy entry in the skeleton: {_one_line_reason(exc)}") from None
+        if dtype.kind not in _NP_KINDS or dtype.hasobject or dtype.fields is not None or any(s < 0 for s in shape):
+            raise _corrupt(path, f"numpy dtype {dtype} is not plain data")
+        raw = t.numpy().tobytes() if t.numel() else b""
+        if t.dtype != torch.uint8 or len(raw) != math.prod(shape) * dtype.itemsize:
+            raise _corrupt(path, f"numpy array {key!r} has {len(raw)} bytes, not {math.prod(shape)}×{dtype.itemsize}")
+        arr = np.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
+        return arr if tag == "ndarray" else arr[()]
+    raise _corrupt(path, f"unknown skeleton entry {tag!r}")
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """The inverse of :func:`save_state`; tensors come back on the CPU. It never unpickles:
+    a file that is not a valid soctune safetensors state (a ``torch.save``/``pickle`` file,
+    a truncated or corrupt file) raises :class:`UnsafeOrCorruptStateError` with a one-line
+    message. A missing file raises ``FileNotFoundError`` as usual."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    with open(path, "rb") as f:  # a missing/unreadable file raises OSError as usual
+        head = f.read(8)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 — safetensors only parses; nothing here can run code
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.errno is not None:
+            raise
+        if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+            raise UnsafeOrCorruptStateError(
+                f"cannot load {path}: refused: it holds a pickle, which can execute code when loaded; "
+                "soctune never unpickles run files (start a fresh run, or point to a checkpoint "
+                "written by this version)") from None
+        raise _corrupt(path, _one_line_reason(exc)) from None
+    if _STATE_META_KEY not in meta:
+        raise UnsafeOrCorruptStateError(
+            f"cannot load {path}: it is a safetensors file but not a soctune state (no '{_STATE_META_KEY}' metadata)")
+    try:
+        skeleton = json.loads(meta[_STATE_META_KEY])
+    except (ValueError, RecursionError) as exc:
+        raise _corrupt(path, f"bad skeleton JSON: {_one_line_reason(exc)}") from None
+    if not isinstance(skeleton, dict) or skeleton.get("format") != _STATE_FORMAT:
+        fmt = skeleton.get("format") if isinstance(skeleton, dict) else None
+        raise _corrupt(path, f"unknown state format {fmt!r}, expected {_STATE_FORMAT}")
+    try:
+        state = _decode_state(skeleton.get("root"), tensors, path)
+    except RecursionError:
+        raise _corrupt(path, "the skeleton is nested too deeply") from None
+    if not isinstance(state, dict):
+        raise _corrupt(path, "the skeleton's root is not a dict")
+    return state

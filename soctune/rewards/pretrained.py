@@ -272,7 +272,7 @@ class HPSv2Reward(Reward):
             p = cands[0]
         try:
             model = oc.create_model("ViT-H-14", pretrained=None, precision="fp32")
-            state = torch.load(str(p), map_location="cpu", weights_only=False)
+            state = torch.load(str(p), map_location="cpu", weights_only=True)
             model.load_state_dict(state.get("state_dict", state))
             self.tokenizer = oc.get_tokenizer("ViT-H-14")
         except Exception as exc:  # noqa: BLE001
