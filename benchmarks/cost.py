@@ -31,13 +31,13 @@ MEMORY_METHODS = ["AM-lean", "AM-lean 10 loss steps", "nabla-DB 10%", "DRaFT-1",
 
 
 def _finetuner(problem: Any, label: str, batch: int, seed: int = 0) -> Any:
-    from soctune.finetune import Finetuner, TrainConfig
+    from soctune import TrainConfig, Trainer
     from soctune.solvers import get_solver
 
     m = method_by_label(label)
     model = problem.make_model(seed)
     solver = get_solver(m.solver, reward_scale=LAM, **m.options)
-    return Finetuner(problem.process, model, solver, problem.reward, problem.sample_shape,
+    return Trainer(problem.process, model, solver, problem.reward, problem.sample_shape,
                      TrainConfig(iters=10**6, batch_size=batch, lr=m.lr, seed=seed))
 
 

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
     quiet()
-    from soctune.finetune import Finetuner, TrainConfig
+    from soctune import TrainConfig, Trainer
     from soctune.solvers import get_solver
 
     problem = gmm_problem(args.steps) if args.problem == "gmm" else digits_problem(args.steps)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
                                "iters": iters, "batch": args.batch, "budget": iters * args.batch}
         t = time.perf_counter()
         try:
-            ft = Finetuner(problem.process, model, solver, reward, problem.sample_shape, cfg)
+            ft = Trainer(problem.process, model, solver, reward, problem.sample_shape, cfg)
             ft.train()
             row["train_seconds"] = time.perf_counter() - t
             row["reward_evals"] = reward.rows

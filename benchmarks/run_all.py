@@ -5,7 +5,8 @@ peak memory; then benchmarks/RESULTS.md and the PNG plots.
     python benchmarks/run_all.py --quick    # smoke version: ≈ 5 min, tiny budgets, one seed
     python benchmarks/run_all.py --only report     # re-render RESULTS.md from results/*.jsonl
 
-Each stage runs in its own subprocess with OMP_NUM_THREADS=1 and appends to results/*.jsonl;
+Each stage runs in its own subprocess with OMP_NUM_THREADS=1 (the threads stage removes it for the
+commands it measures: the OpenMP settings are what it compares) and appends to results/*.jsonl;
 a stage's previous results are cleared first unless --keep is given (then finished rows are
 skipped, so an interrupted run resumes).
 """
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("gmm", "digits", "time", "memory", "report")
+STAGES = ("gmm", "digits", "time", "memory", "threads", "precision", "report")
 
 
 def plan(quick: bool) -> dict[str, list[str]]:
@@ -32,6 +33,9 @@ def plan(quick: bool) -> dict[str, list[str]]:
                        "--steps", "10", "--n-eval", "64", "--n-base", "256"],
             "time": ["cost.py", "--mode", "time", "--steps", "10", "--batch", "8", "--repeats", "2"],
             "memory": ["cost.py", "--mode", "memory-all", "--batch", "8", "--k-list", "10", "100"],
+            "threads": ["threads.py", "--iters", "1", "--repeats", "3", "--settings", "cli-default", "active",
+                        "--timeout", "120"],
+            "precision": ["precision.py", "--iters", "1", "--problems", "digits-am"],
         }
     return {
         "gmm": ["quality.py", "--problem", "gmm", "--seeds", "0", "1", "2", "--iters", "50", "--batch", "64",
@@ -40,11 +44,16 @@ def plan(quick: bool) -> dict[str, list[str]]:
                    "--steps", "10", "--n-eval", "256", "--n-base", "2048"],
         "time": ["cost.py", "--mode", "time", "--steps", "25", "--batch", "16", "--repeats", "4"],
         "memory": ["cost.py", "--mode", "memory-all", "--batch", "16", "--k-list", "10", "25", "50", "100"],
+        # every OpenMP setting idle and next to a busy neighbour, 2 iterations each (≈ 5–10 min:
+        # spinning settings with a busy neighbour are the slow part, capped by --timeout)
+        "threads": ["threads.py", "--iters", "2", "--repeats", "5", "--timeout", "200"],
+        "precision": ["precision.py", "--iters", "3"],
     }
 
 
 RESULT_FILES = {"gmm": ["quality_gmm.jsonl"], "digits": ["quality_digits.jsonl"], "time": ["cost_time.jsonl"],
-                "memory": ["cost_memory.jsonl"]}
+                "memory": ["cost_memory.jsonl"], "threads": ["threads.jsonl"],
+                "precision": ["precision.jsonl"]}
 
 
 def main() -> None:

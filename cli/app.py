@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import MutableMapping
 from enum import Enum
 from pathlib import Path
 
@@ -33,7 +34,18 @@ class ListWhat(str, Enum):
     presets = "presets"
 
 
+_KIND = {ListWhat.processes: "process", ListWhat.solvers: "solver", ListWhat.rewards: "reward"}
+
+
 def _rows(what: ListWhat) -> list[tuple[str, str]]:
+    if what in _KIND:
+        # read from the registration calls in the source: no torch import, so `soctune list`
+        # answers at once (tests/test_cli_startup.py keeps it equal to the import-based lists)
+        from soctune.registry import list_builtin
+
+        rows = list_builtin(_KIND[what])
+        if rows is not None:
+            return rows
     if what is ListWhat.processes:
         from soctune.sde import list_processes
 
@@ -156,23 +168,29 @@ def finetune(
     checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="iterations between checkpoints (0 = only at the end; default 10)"),
     max_nonfinite: int = typer.Option(None, "--max-nonfinite", help="non-finite updates in a row (each skipped) before the run stops with a checkpoint"),
     grad_clip: float = typer.Option(None, "--grad-clip", help="max global gradient norm (0 = off; default 1)"),
+    grad_accum: int = typer.Option(None, "--grad-accum", help="micro-batches per update (gradient accumulation; same update, less memory)"),
+    device: str = typer.Option(None, "--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps"),
+    precision: str = typer.Option(None, "--precision", help="fp32, bf16 or fp16 (autocast; LoRA, optimiser and reward stay float32)"),
+    log: str = typer.Option(None, "--log", help="experiment tracker: none, tensorboard or wandb (offline unless WANDB_MODE=online)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the final summary path"),
 ) -> None:
     """Fine-tune a model on a reward. Writes config.yaml, metrics.jsonl, before/after sample
     grids, reward.png, lora/, checkpoints/ and summary.json into --out. Under
-    `torchrun --nproc-per-node N --no-python soctune finetune ...` it trains data-parallel
-    (--batch-size is the global batch; rank 0 writes everything)."""
+    `accelerate launch -m soctune_cli.app finetune ...` or `torchrun --nproc-per-node N
+    --no-python soctune finetune ...` it trains data-parallel (--batch-size is the global batch;
+    process 0 writes everything)."""
     from soctune import config as cfgmod
-    from soctune.run import finetune_run
+    from soctune.run import finetune_config
 
     flags = {"process.name": process, "solver.name": solver, "model.path": model, "reward": reward,
              "solver.reward_scale": reward_scale, "train.iters": iters, "process.num_steps": num_steps,
              "train.batch_size": batch_size, "train.lr": lr, "train.seed": seed,
              "train.checkpoint_every": checkpoint_every, "train.max_nonfinite": max_nonfinite,
-             "train.grad_clip": grad_clip}
+             "train.grad_clip": grad_clip, "train.grad_accum": grad_accum, "train.device": device,
+             "train.precision": precision, "train.log": log}
     cfg = cfgmod.resolve(config, flags, set_)
-    summary = finetune_run(cfg, out, resume=resume, on_event=Reporter(quiet))
-    if not summary:  # a data-parallel rank other than 0: rank 0 reports
+    summary = finetune_config(cfg, out, resume=resume, on_event=Reporter(quiet)).summary
+    if not summary:  # a data-parallel process other than 0: process 0 reports
         return
     if not quiet:
         console.print(_summary_table(summary))
@@ -200,6 +218,8 @@ def sample(
     seed: int = typer.Option(0, "--seed"),
     prompt: list[str] = typer.Option([], "--prompt", help="prompt(s) for text-conditional models"),
     guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="classifier-free guidance scale"),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (the network's weights and autocast)"),
     out: Path = typer.Option(..., "--out", "-o"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -212,7 +232,8 @@ def sample(
     model, process, num_steps = _run_defaults(loras, model, process, num_steps)
     if quiet or not console.is_terminal:
         path = sample_run(model=model, process=process, loras=loras, num_steps=num_steps, noise_scale=noise_scale,
-                          n=n, seed=seed, out=out, prompts=prompt or None, guidance_scale=guidance_scale)
+                          n=n, seed=seed, out=out, prompts=prompt or None, guidance_scale=guidance_scale,
+                          device=device, precision=precision)
     else:
         from rich.progress import Progress
 
@@ -220,7 +241,7 @@ def sample(
             task = prog.add_task("sample", total=n)
             path = sample_run(model=model, process=process, loras=loras, num_steps=num_steps, noise_scale=noise_scale,
                               n=n, seed=seed, out=out, prompts=prompt or None, guidance_scale=guidance_scale,
-                              on_event=lambda k, p: prog.update(task, completed=p["done"]) if k == "batch" else None)
+                              device=device, precision=precision, on_event=lambda k, p: prog.update(task, completed=p["done"]) if k == "batch" else None)
     if not quiet:
         report = path / "summary.json"
         if report.exists():
@@ -249,6 +270,8 @@ def evaluate(
     run: Path = typer.Argument(..., help="a finetune output folder (uses its config.yaml and lora/)"),
     n: int = typer.Option(256, "--n", help="samples per model"),
     seed: int = typer.Option(1234, "--seed"),
+    device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: the run's)"),
+    precision: str = typer.Option(None, "--precision", help="fp32, bf16 or fp16 (default: the run's)"),
 ) -> None:
     """Metrics of a fine-tuned run vs its base model on the same seeds (reward, diversity,
     prior preservation, distance to the exact tilt)."""
@@ -256,19 +279,23 @@ def evaluate(
 
     from soctune import config as cfgmod
     from soctune.run import build, evaluate_pair
+    from soctune.trainer import make_accelerator
 
     cfg_path = run / "config.yaml"
     if not cfg_path.is_file():
         raise SoctuneError(f"'{run}' is not a finetune output folder (no config.yaml); pass the --out of a run")
-    cfg = cfgmod.validate(cfgmod.load_yaml(cfg_path))
-    cfg["model"]["lora_rank"] = cfg["model"]["lora_rank"]
-    b = build(cfg)
+    cfg = cfgmod.load_yaml(cfg_path)
+    cfg["train"] = {**(cfg.get("train") or {}), **{k: v for k, v in (("device", device), ("precision", precision))
+                                                   if v is not None}}
+    cfg = cfgmod.validate(cfg)
+    acc = make_accelerator(cfg["train"]["device"], cfg["train"]["precision"])
+    b = build(cfg, acc.device)
     if (run / "lora").is_dir():
         from soctune.models import lora as lora_mod
 
         lora_mod.delete_lora(b.loaded, lora_mod.TRAIN_ADAPTER)
         b.loaded.load_lora(run / "lora", adapter_name=lora_mod.TRAIN_ADAPTER)
-    summary, _, _ = evaluate_pair(b, n, seed)
+    summary, _, _ = evaluate_pair(b, n, seed, device=acc.device, autocast=acc.autocast)
     console.print(_summary_table(summary))
     (run / "evaluation.json").write_text(json.dumps(summary, indent=2))
     console.print(f"wrote {run}/evaluation.json")
@@ -288,10 +315,25 @@ def pretrain(
         console.print(f"{kind}: {p}")
 
 
+def _thread_defaults(env: MutableMapping[str, str]) -> None:
+    """OpenMP defaults for a machine shared with other jobs, set before torch is imported (the
+    OpenMP runtime reads them once, when torch loads it); a value the user set wins.
+
+    OMP_WAIT_POLICY=PASSIVE: torch's OpenMP workers otherwise spin-wait between parallel
+    regions, and on a small machine with one busy neighbour a digits iteration of
+    ``soctune finetune --process ddpm --solver nabla-db`` took 120–160 s instead of ≈ 4 s; passive
+    workers sleep instead (≈ 6.5 s there). The thread count stays torch's own choice (all
+    physical cores), so an idle machine still uses every core. benchmarks/threads.py measures
+    the settings side by side (benchmarks/RESULTS.md, "Shared machine")."""
+    if "OMP_WAIT_POLICY" not in env:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def main() -> None:
     """Console-script entry point: user mistakes end with one line and exit code 2; the full
     traceback only with SOCTUNE_DEBUG=1 or ``--debug``."""
     debug = os.environ.get("SOCTUNE_DEBUG") == "1" or "--debug" in sys.argv
+    _thread_defaults(os.environ)
     # transformers warns about optional image back-ends when diffusers' pipelines import it;
     # the command's output is the progress and the summary, so keep only its errors
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -11,41 +11,112 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
 from .registry import SoctuneError
 
-#: closed sections: key -> (type, default, check or None, help)
-SCHEMA: dict[str, dict[str, tuple[type, Any, Any, str]]] = {
-    "model": {
-        "path": (str, None, None, "diffusers folder or hub id; default: the shipped digits model for the process"),
-        "lora_rank": (int, 8, lambda v: v >= 1, "LoRA rank"),
-        "lora_alpha": (float, None, lambda v: v > 0, "LoRA alpha (default = rank)"),
-        "target_modules": (list, None, None, "LoRA target module names (default: per architecture)"),
-        "full_finetune": (bool, False, None, "train all weights instead of LoRA"),
-        "guidance_scale": (float, 1.0, lambda v: v >= 0, "classifier-free guidance scale"),
-        "prompts": (list, None, None, "prompts / class labels to condition on"),
-    },
-    "train": {
-        "iters": (int, 40, lambda v: v >= 1, "training iterations"),
-        "batch_size": (int, 32, lambda v: v >= 1, "trajectories per iteration"),
-        "lr": (float, 1e-3, lambda v: 0 < v < math.inf, "learning rate"),
-        "weight_decay": (float, 0.0, lambda v: 0 <= v < math.inf, "AdamW weight decay"),
-        "grad_clip": (float, 1.0, lambda v: 0 <= v < math.inf, "max gradient norm (0 = off)"),
-        "seed": (int, 0, None, "random seed"),
-        "max_nonfinite": (int, 5, lambda v: v >= 1,
-                          "consecutive non-finite updates (each skipped) before the run stops with a checkpoint"),
-        "checkpoint_every": (int, 10, lambda v: v >= 0, "iterations between checkpoints (0 = only at the end)"),
-    },
-    "eval": {
-        "n_samples": (int, 256, lambda v: v >= 2, "samples for before/after metrics"),
-        "seed": (int, 1234, None, "seed of the evaluation samples"),
-        "grid": (int, 64, lambda v: v >= 1, "samples shown in each PNG grid"),
-    },
-}
+DEVICES_HELP = "auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps"
+PRECISIONS = ("fp32", "bf16", "fp16")
+TRACKERS = ("none", "tensorboard", "wandb")
+FROZEN_DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def _opt(default: Any, help: str, check: Any = None, typ: type | None = None) -> Any:
+    """A config field: its default, a one-line help and an optional range check."""
+    return field(default=default, metadata={"help": help, "check": check, "type": typ})
+
+
+def _valid_device(v: str) -> bool:
+    return v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit())
+
+
+@dataclass
+class ModelConfig:
+    """What to fine-tune: a diffusers folder (or the shipped digits model) and its adapter."""
+
+    path: Optional[str] = _opt(None, "diffusers folder or hub id; default: the shipped digits model for the process",
+                               typ=str)
+    lora_rank: int = _opt(8, "LoRA rank", lambda v: v >= 1)
+    lora_alpha: Optional[float] = _opt(None, "LoRA alpha (default = rank)", lambda v: v > 0, typ=float)
+    target_modules: Optional[list] = _opt(None, "LoRA target module names (default: per architecture)", typ=list)
+    full_finetune: bool = _opt(False, "train all weights instead of LoRA")
+    guidance_scale: float = _opt(1.0, "classifier-free guidance scale", lambda v: v >= 0)
+    prompts: Optional[list] = _opt(None, "prompts / class labels to condition on", typ=list)
+    frozen_dtype: str = _opt("auto", "dtype of the frozen base weights: auto = the training precision's (bf16/fp16 "
+                                     "halve their memory; LoRA stays float32), or fp32 / bf16 / fp16",
+                             lambda v: v in FROZEN_DTYPES)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and placement settings shared by every solver — the ONE set of defaults of
+    the CLI, the YAML presets and the Python API (:func:`soctune.finetune`).
+
+    ``batch_size`` is the global batch B: with W processes each rolls out B/W trajectories, and
+    with ``grad_accum`` = A each process does so in A micro-batches whose gradients are summed
+    into one update (same trajectories and update as one batch of B, less memory).
+    """
+
+    iters: int = _opt(40, "training iterations", lambda v: v >= 1)
+    batch_size: int = _opt(32, "trajectories per iteration (global, over all processes)", lambda v: v >= 1)
+    lr: float = _opt(1e-3, "learning rate", lambda v: 0 < v < math.inf)
+    weight_decay: float = _opt(0.0, "AdamW weight decay", lambda v: 0 <= v < math.inf)
+    grad_clip: float = _opt(1.0, "max gradient norm (0 = off)", lambda v: 0 <= v < math.inf)
+    seed: int = _opt(0, "random seed")
+    max_nonfinite: int = _opt(5, "consecutive non-finite updates (each skipped) before the run stops with a checkpoint",
+                              lambda v: v >= 1)
+    checkpoint_every: int = _opt(10, "iterations between checkpoints (0 = only at the end)", lambda v: v >= 0)
+    grad_accum: int = _opt(1, "micro-batches per update (gradient accumulation; divides the per-process batch)",
+                           lambda v: v >= 1)
+    device: str = _opt("auto", DEVICES_HELP, _valid_device)
+    precision: str = _opt("fp32", "fp32, bf16 or fp16 (network forwards under autocast; trainable weights, optimiser "
+                                  "state, adjoints and rewards stay float32)", lambda v: v in PRECISIONS)
+    log: str = _opt("none", "experiment tracker: none, tensorboard or wandb (metrics.jsonl is always written)",
+                    lambda v: v in TRACKERS)
+
+    def validate(self) -> None:
+        """Raise a one-line :class:`SoctuneError` for an out-of-range field."""
+        _check_section("train", asdict(self), TrainConfig)
+
+
+@dataclass
+class EvalConfig:
+    """The before/after evaluation a run ends with."""
+
+    n_samples: int = _opt(256, "samples for before/after metrics", lambda v: v >= 2)
+    seed: int = _opt(1234, "seed of the evaluation samples")
+    grid: int = _opt(64, "samples shown in each PNG grid", lambda v: v >= 1)
+
+
+#: the closed sections, each a dataclass (types, defaults, checks and help in one place)
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def _schema(cls: type) -> dict[str, tuple[type, Any, Any, str]]:
+    out = {}
+    for f in fields(cls):
+        typ = f.metadata.get("type") or f.type
+        typ = {"int": int, "float": float, "bool": bool, "str": str, "list": list}.get(typ, typ) if isinstance(typ, str) else typ
+        out[f.name] = (typ, f.default, f.metadata.get("check"), f.metadata.get("help", ""))
+    return out
+
+
+#: closed sections: key -> (type, default, check or None, help), derived from the dataclasses
+SCHEMA: dict[str, dict[str, tuple[type, Any, Any, str]]] = {sec: _schema(cls) for sec, cls in SECTIONS.items()}
+
+
+def _check_section(section: str, values: dict[str, Any], cls: type) -> dict[str, Any]:
+    keys = SCHEMA[section]
+    bad = set(values) - set(keys)
+    if bad:
+        raise SoctuneError(f"unknown key(s) {sorted(bad)} in '{section}'; valid: {', '.join(keys)}")
+    return {k: _coerce(section, k, values.get(k, spec[1]), spec[0], spec[2], spec[3]) for k, spec in keys.items()}
+
+
 OPEN_SECTIONS = ("process", "solver")
 ALIASES = {"solver.lambda": "solver.reward_scale"}
 
@@ -95,8 +166,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def resolve(config: str | Path | None = None, flags: dict[str, Any] | None = None,
-            sets: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+def resolve(config: str | Path | dict[str, Any] | None = None, flags: dict[str, Any] | None = None,
+            sets: list[str] | tuple[str, ...] = (), extra_layers: list[dict[str, Any]] = ()) -> dict[str, Any]:
     """The validated run config: defaults ← preset ← ``config`` ← ``flags`` ← ``sets``.
 
     flags: ``{"section.key": value}`` (None = not given; ``"reward"`` has no section).
@@ -105,12 +176,13 @@ def resolve(config: str | Path | None = None, flags: dict[str, Any] | None = Non
     ``soctune finetune --process ddpm --solver nabla-db`` runs with settings that work."""
     layers: list[dict[str, Any]] = []
     if config is not None:
-        layers.append(load_yaml(config))
+        layers.append(copy.deepcopy(config) if isinstance(config, dict) else load_yaml(config))
     for key, val in (flags or {}).items():
         if val is None:
             continue
         sec, _, name = key.partition(".")
         layers.append({sec: val} if not name else {sec: {name: val}})
+    layers.extend(layer for layer in extra_layers if any(layer.values()))
     layers.extend(parse_set(item) for item in sets)
     cfg = defaults()
     for layer in layers:
@@ -162,7 +234,7 @@ def parse_set(item: str) -> dict[str, Any]:
     return out
 
 
-def _coerce(section: str, key: str, value: Any, typ: type, check: Any) -> Any:
+def _coerce(section: str, key: str, value: Any, typ: type, check: Any, help: str = "") -> Any:
     if value is None:
         return None
     try:
@@ -177,7 +249,7 @@ def _coerce(section: str, key: str, value: Any, typ: type, check: Any) -> Any:
     except (TypeError, ValueError):
         raise SoctuneError(f"{section}.{key} must be a {typ.__name__}, got {value!r}") from None
     if check is not None and not check(value):
-        raise SoctuneError(f"{section}.{key}={value!r} is out of range")
+        raise SoctuneError(f"{section}.{key}={value!r} is out of range" + (f"; expected: {help}" if help else ""))
     return value
 
 
@@ -195,12 +267,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise SoctuneError(f"unknown config section(s) {sorted(unknown)}; valid: {', '.join(sorted(known))}")
     out: dict[str, Any] = {"reward": cfg.get("reward")}
-    for sec, keys in SCHEMA.items():
-        given = cfg.get(sec) or {}
-        bad = set(given) - set(keys)
-        if bad:
-            raise SoctuneError(f"unknown key(s) {sorted(bad)} in '{sec}'; valid: {', '.join(keys)}")
-        out[sec] = {k: _coerce(sec, k, given.get(k, spec[1]), spec[0], spec[2]) for k, spec in keys.items()}
+    for sec, cls in SECTIONS.items():
+        out[sec] = _check_section(sec, dict(cfg.get(sec) or {}), cls)
     for sec, registry in (("process", PROCESSES), ("solver", SOLVERS)):
         given = dict(cfg.get(sec) or {})
         name = given.get("name")

@@ -113,3 +113,82 @@ class Registry(Generic[T]):
             if "unexpected keyword argument" in str(exc) or "missing" in str(exc):
                 raise SoctuneError(f"bad options for {self.kind} '{name}': {exc}") from None
             raise
+
+
+# ------------------------------------------------------------------ listing without importing
+#: kind -> (sub-package of soctune holding the built-ins, names a registration call may use)
+BUILTIN_PACKAGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "process": ("sde", ("register_process", "PROCESSES.register")),
+    "solver": ("solvers", ("register_solver", "SOLVERS.register")),
+    "reward": ("rewards", ("register_reward", "REWARDS.register")),
+}
+
+
+def _call_name(func: Any) -> str | None:
+    import ast
+
+    if isinstance(func, ast.Name):
+        return func.id
+    if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+        return f"{func.value.id}.{func.attr}"
+    return None
+
+
+def _scan_registrations(source: str, filename: str, callers: tuple[str, ...]) -> dict[str, str] | None:
+    """{name: description} of the ``register_*("name", "description")`` calls in one module's
+    source; ``None`` when a call is not plain literals (only an import can tell then)."""
+    import ast
+
+    tree = ast.parse(source, filename)
+    found: dict[str, str] = {}
+    decorators: set[int] = set()
+    calls: list[tuple[ast.Call, ast.AST | None]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            for deco in node.decorator_list:
+                if isinstance(deco, ast.Call) and _call_name(deco.func) in callers:
+                    decorators.add(id(deco))
+                    calls.append((deco, node))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and id(node) not in decorators and _call_name(node.func) in callers:
+            calls.append((node, None))
+    for call, target in calls:
+        args = list(call.args)
+        kwargs = {k.arg: k.value for k in call.keywords}
+        name_node = args[0] if args else kwargs.get("name")
+        desc_node = args[1] if len(args) > 1 else kwargs.get("description")
+        if len(args) > 2 or None in kwargs or not isinstance(name_node, ast.Constant) \
+                or not isinstance(name_node.value, str):
+            return None
+        if desc_node is not None:
+            if not (isinstance(desc_node, ast.Constant) and isinstance(desc_node.value, str)):
+                return None
+            desc = desc_node.value
+        else:
+            desc = ""
+        if not desc:  # Registry.register falls back to the first docstring line of the object
+            if target is None:
+                return None
+            desc = (ast.get_docstring(target, clean=False) or "").strip().split("\n")[0]
+        found[name_node.value] = desc
+    return found
+
+
+def list_builtin(kind: str) -> list[tuple[str, str]] | None:
+    """[(name, one-line description)] of the built-in ``kind`` ("process", "solver", "reward"),
+    read from the registration calls in the package's source without importing it (so without
+    torch): what ``list_processes()`` / ``list_solvers()`` / ``list_rewards()`` return, in the
+    same order. ``None`` when a registration is not literal and only an import can tell."""
+    from pathlib import Path
+
+    package, callers = BUILTIN_PACKAGES[kind]
+    entries: dict[str, str] = {}
+    for path in sorted((Path(__file__).parent / package).glob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        if not any(c.rpartition(".")[2] in source for c in callers):
+            continue
+        found = _scan_registrations(source, str(path), callers)
+        if found is None:
+            return None
+        entries.update(found)
+    return [(n, entries[n]) for n in sorted(entries)]

@@ -1,5 +1,6 @@
-"""Runs as the command line knows them: build everything from a config, fine-tune into an
-output folder (checkpoints, metrics, pictures, LoRA, summary), resume, sample and evaluate.
+"""Runs: the one entry point :func:`finetune` (what ``soctune finetune`` calls), build
+everything from a config, fine-tune into an output folder (checkpoints, metrics, pictures, LoRA,
+summary), resume, sample and evaluate.
 
 The library never prints: progress reaches the caller through ``on_event(kind, payload)``.
 """
@@ -10,7 +11,8 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,19 +21,23 @@ import torch
 from torch import Tensor
 
 from . import config as cfgmod
-from . import distributed as dist_
+from .config import TrainConfig
 from .evaluation import compare, evaluate_samples, pixel_features, tilt_fidelity
-from .finetune import Finetuner, NonFiniteError, TrainConfig
-from .io import append_jsonl, atomic_torch_save, atomic_write_text, plot_curve, save_grid, save_side_by_side
+from .io import (UnsafeOrCorruptStateError, append_jsonl, atomic_write_text, load_state, plot_curve, save_grid,
+                 save_side_by_side, save_state)
+from .models.base import Denoiser
 from .registry import SoctuneError
 from .rewards import get_reward
 from .sde.base import Process
 from .solvers import Solver, get_solver
-from .trajectory import rollout
+from .trainer import NonFiniteError, Trainer, make_accelerator
+from .trajectory import RewardFn, rollout
 
 EventFn = Callable[[str, dict[str, Any]], None]
 DIGITS_DEFAULT = {"ddpm": "digits-ddpm", "dpmpp-sde": "digits-ddpm", "fm-memoryless": "digits-flow"}
-CKPT_RE = re.compile(r"^ckpt-(\d{6})\.pt$")
+CKPT_RE = re.compile(r"^ckpt-(\d{6})\.safetensors$")
+PICKLED_CKPT_RE = re.compile(r"^ckpt-(\d{6})\.(pt|pth|bin|pkl)$")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _noop(kind: str, payload: dict[str, Any]) -> None:
@@ -47,6 +53,13 @@ def default_model_for(process_name: str) -> str:
                        f"(shipped defaults exist for {', '.join(DIGITS_DEFAULT)})")
 
 
+def frozen_dtype(cfg: dict[str, Any]) -> torch.dtype:
+    """dtype of the frozen base weights: ``model.frozen_dtype``, where ``auto`` follows
+    ``train.precision`` (bf16/fp16 halve the frozen weights' memory; LoRA stays float32)."""
+    name = cfg["model"]["frozen_dtype"]
+    return DTYPES[cfg["train"]["precision"] if name == "auto" else name]
+
+
 @dataclass
 class Built:
     cfg: dict[str, Any]
@@ -60,22 +73,27 @@ class Built:
     cond_sampler: Any
 
 
-def build(cfg: dict[str, Any], device: str = "cpu") -> Built:
-    """Model, process, solver and reward from a validated config (one-line errors on misuse)."""
+def build(cfg: dict[str, Any], device: str | torch.device = "cpu") -> Built:
+    """Model, process, solver and reward from a validated config, on ``device`` (one-line
+    errors on misuse). The frozen weights are loaded in :func:`frozen_dtype`."""
     from .models.diffusers_model import load_model
 
     m = cfg["model"]
     proc_cfg = dict(cfg["process"])
     pname = proc_cfg.pop("name")
     path = m["path"] or default_model_for(pname)
+    dev = torch.device(device)
     loaded = load_model(path, lora_rank=m["lora_rank"], lora_alpha=m["lora_alpha"], target_modules=m["target_modules"],
-                        full_finetune=m["full_finetune"], guidance_scale=m["guidance_scale"], device=device)
-    num_steps = proc_cfg.pop("num_steps", 50)
+                        full_finetune=m["full_finetune"], guidance_scale=m["guidance_scale"], device=dev,
+                        dtype=frozen_dtype(cfg))
+    num_steps = proc_cfg.pop("num_steps", cfgmod.defaults()["process"]["num_steps"])
     process = loaded.default_process(pname, num_steps=num_steps, **proc_cfg)
     sol_cfg = dict(cfg["solver"])
     solver = get_solver(sol_cfg.pop("name"), **sol_cfg)
     solver.check(process, loaded.model)
     raw_reward = get_reward(cfg["reward"])
+    if isinstance(raw_reward, torch.nn.Module):
+        raw_reward = raw_reward.to(dev)
     reward = loaded.image_reward(raw_reward) if loaded.is_latent else raw_reward
     target = _digit_target(cfg["reward"])
     digits_like = tuple(loaded.sample_shape) == (1, 8, 8)
@@ -86,15 +104,15 @@ def build(cfg: dict[str, Any], device: str = "cpu") -> Built:
 
         def features(x: Tensor) -> Tensor:
             with torch.no_grad():
-                return clf.features(loaded.decode(x))
+                return clf.features(loaded.decode(x.to(dev)).cpu())
     else:
         def features(x: Tensor) -> Tensor:
             with torch.no_grad():
-                return pixel_features(loaded.decode(x))
+                return pixel_features(loaded.decode(x.to(dev))).cpu()
 
     def images(x: Tensor) -> Tensor:
         with torch.no_grad():
-            return loaded.decode(x)
+            return loaded.decode(x.to(dev)).cpu()
 
     cond_sampler = loaded.cond_sampler(m["prompts"]) if m["prompts"] else None
     if cond_sampler is None and getattr(loaded.denoiser, "needs_cond", False):
@@ -108,43 +126,40 @@ def _digit_target(spec: str) -> int | None:
 
 
 def train_config(cfg: dict[str, Any]) -> TrainConfig:
-    t = cfg["train"]
-    return TrainConfig(iters=t["iters"], batch_size=t["batch_size"], lr=t["lr"], weight_decay=t["weight_decay"],
-                       grad_clip=t["grad_clip"], seed=t["seed"], max_nonfinite=t["max_nonfinite"])
+    """The :class:`TrainConfig` of a validated run config."""
+    return TrainConfig(**cfg["train"])
 
 
 # ------------------------------------------------------------------------------- sampling
-def draw(b: Built, n: int, seed: int, base: bool, batch: int = 256) -> tuple[Tensor, Tensor, Any]:
-    """n samples (states [n, *S]) from the base or fine-tuned model with a fixed seed, their
-    rewards [n] and the conditioning used."""
-    gen = torch.Generator().manual_seed(seed)
+def draw(b: Built, n: int, seed: int, base: bool, batch: int = 256, device: str | torch.device = "cpu",
+         autocast: Any = None) -> tuple[Tensor, Tensor, Any]:
+    """n samples (states [n, *S], on the CPU) from the base or fine-tuned model with a fixed
+    seed, their rewards [n] and the conditioning used. Sampled on ``device`` (the noise comes
+    from a generator there) under ``autocast`` (a context factory, e.g. the trainer's)."""
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev).manual_seed(seed)
     xs, rs, conds = [], [], []
     model = b.loaded.model
     for start in range(0, n, batch):
         m = min(batch, n - start)
         cond = b.cond_sampler(m, gen) if b.cond_sampler is not None else None
-        ctx = model.base() if base else _Null()
-        with ctx, torch.no_grad():
-            traj = rollout(b.process, model, batch_size=m, sample_shape=tuple(b.loaded.sample_shape), cond=cond,
-                           generator=gen)
-            xs.append(traj.x_final)
-            rs.append(b.reward(traj.x_final, cond).float())
+        with (model.base() if base else nullcontext()), torch.no_grad():
+            with (autocast() if autocast is not None else nullcontext()):
+                traj = rollout(b.process, model, batch_size=m, sample_shape=tuple(b.loaded.sample_shape), cond=cond,
+                               generator=gen, device=dev)
+            x = traj.x_final.float()
+            with torch.autocast(device_type=dev.type, enabled=False):
+                rs.append(b.reward(x, cond).float().cpu())
+            xs.append(x.cpu())
         conds.append(cond)
     return torch.cat(xs), torch.cat(rs), conds
 
 
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
-
-
-def evaluate_pair(b: Built, n: int, seed: int) -> tuple[dict[str, Any], Tensor, Tensor]:
+def evaluate_pair(b: Built, n: int, seed: int, device: str | torch.device = "cpu",
+                  autocast: Any = None) -> tuple[dict[str, Any], Tensor, Tensor]:
     """Base vs fine-tuned on the same seeds. Returns (summary, base images, fine-tuned images)."""
-    xb, rb, _ = draw(b, n, seed, base=True)
-    xf, rf, _ = draw(b, n, seed, base=False)
+    xb, rb, _ = draw(b, n, seed, base=True, device=device, autocast=autocast)
+    xf, rf, _ = draw(b, n, seed, base=False, device=device, autocast=autocast)
     fb, ff = b.features(xb), b.features(xf)
     ib, i_f = b.images(xb), b.images(xf)
     before = evaluate_samples(xb, rb, fb, target_class=b.target_class, images=ib)
@@ -157,7 +172,7 @@ def evaluate_pair(b: Built, n: int, seed: int) -> tuple[dict[str, Any], Tensor, 
     return summary, ib, i_f
 
 
-# ------------------------------------------------------------------------------- finetune
+# ------------------------------------------------------------------------------- run folders
 class RunDir:
     """Layout of an output folder."""
 
@@ -174,49 +189,68 @@ class RunDir:
             return []
         return sorted((p for p in self.ckpts.iterdir() if CKPT_RE.match(p.name)), reverse=True)
 
+    def pickled_checkpoints(self) -> list[Path]:
+        if not self.ckpts.is_dir():
+            return []
+        return sorted(p for p in self.ckpts.iterdir() if PICKLED_CKPT_RE.match(p.name))
 
-def save_checkpoint(rd: RunDir, ft: Finetuner, keep: int = 2) -> Path:
-    """Write ``checkpoints/ckpt-{step:06d}.pt`` atomically (write-then-rename: a crash or a full
-    disk never leaves a partial file under a checkpoint name), then drop all but the newest
-    ``keep``. Older checkpoints are deleted only after the new one is in place."""
-    path = rd.ckpts / f"ckpt-{ft.step:06d}.pt"
-    atomic_torch_save(ft.state_dict(), path)
+
+def save_checkpoint(rd: RunDir, trainer: Trainer, keep: int = 2) -> Path:
+    """Write ``checkpoints/ckpt-{step:06d}.safetensors`` atomically (write-then-rename: a crash
+    or a full disk never leaves a partial file under a checkpoint name; tensors in safetensors,
+    everything else as JSON in its header — nothing that loading could execute), then drop all
+    but the newest ``keep``. Older checkpoints are deleted only after the new one is in place."""
+    path = rd.ckpts / f"ckpt-{trainer.step:06d}.safetensors"
+    save_state(path, trainer.state_dict())
     for old in rd.checkpoints()[keep:]:
         old.unlink(missing_ok=True)
     return path
 
 
-def load_latest_checkpoint(rd: RunDir, ft: Finetuner, on_event: EventFn) -> int:
-    """Restore the newest checkpoint that loads; corrupt ones are reported and skipped.
+def load_latest_checkpoint(rd: RunDir, trainer: Trainer, on_event: EventFn) -> int:
+    """Restore the newest checkpoint that loads; corrupt ones are reported and skipped, and a
+    pickled one (``ckpt-*.pt``, or a pickle under a checkpoint name) is refused unread.
 
-    Data-parallel: rank 0 reads the checkpoint and broadcasts its state, so every rank resumes
-    from the same one (and nodes need no shared file system). Returns the iteration resumed at.
+    Data-parallel: process 0 reads the checkpoint and broadcasts its state, so every process
+    resumes from the same one (and nodes need no shared file system). Returns the iteration
+    resumed at.
     """
     state: dict[str, Any] | None = None
-    if ft.dist.is_main:
+    if trainer.is_main:
+        pickled = rd.pickled_checkpoints()
+        if pickled and not rd.checkpoints():
+            raise SoctuneError(f"{pickled[-1].relative_to(rd.root)} is a pickled checkpoint; soctune never unpickles "
+                               "run files (loading a pickle can execute code) — start a new run or resume one "
+                               "written as ckpt-*.safetensors")
         _remove_stale_temporaries(rd)
         for path in rd.checkpoints():
             try:
-                candidate = torch.load(path, map_location="cpu", weights_only=False)
-                ft.load_state_dict(candidate)
+                candidate = load_state(path)
+                trainer.load_state_dict(candidate)
+            except UnsafeOrCorruptStateError as exc:  # truncated, corrupt or a pickle: fall back to an older one
+                on_event("warning", {"message": f"{exc}; trying an older checkpoint"})
+                continue
             except SoctuneError:
                 raise
-            except Exception as exc:  # noqa: BLE001 — a truncated/corrupt file: fall back to an older one
+            except Exception as exc:  # noqa: BLE001 — readable but not a checkpoint of this run
                 detail = " ".join(str(exc).split())[:120]
-                on_event("warning", {"message": f"checkpoint {path.name} is unreadable ({type(exc).__name__}: "
+                on_event("warning", {"message": f"checkpoint {path.name} is unusable ({type(exc).__name__}: "
                                                 f"{detail}); trying an older one"})
                 continue
             state = candidate
-            on_event("phase", {"message": f"resuming from {path.relative_to(rd.root)} (iteration {ft.step})"})
+            on_event("phase", {"message": f"resuming from {path.relative_to(rd.root)} (iteration {trainer.step})"})
             break
         else:
             if rd.ckpts.is_dir():
                 on_event("warning", {"message": "no valid checkpoint found; starting from iteration 0"})
-    if ft.dist.enabled:
-        state = dist_.broadcast_object(state, ft.dist)
-        if state is not None and not ft.dist.is_main:
-            ft.load_state_dict(state)
-    return ft.step
+    if trainer.world_size > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = broadcast_object_list([state], from_process=0)  # between this job's own processes
+        state = box[0]
+        if state is not None and not trainer.is_main:
+            trainer.load_state_dict(state)
+    return trainer.step
 
 
 def _remove_stale_temporaries(rd: RunDir) -> None:
@@ -227,81 +261,241 @@ def _remove_stale_temporaries(rd: RunDir) -> None:
                 p.unlink(missing_ok=True)
 
 
-def finetune_run(cfg: dict[str, Any], out: str | Path, resume: bool = False, on_event: EventFn = _noop) -> dict[str, Any]:
-    """Fine-tune as configured into ``out`` and return the summary.
+# ------------------------------------------------------------------------------- the run object
+@dataclass
+class FinetuneRun:
+    """What :func:`finetune` returns: the trained :class:`~soctune.trainer.Trainer`, the output
+    folder (if any), the evaluation summary (config runs with an output folder) and, for models
+    loaded from a diffusers folder, the :class:`Built` parts."""
 
-    Writes ``config.yaml`` (resolved; rerunning with it reproduces the run), ``metrics.jsonl``
-    (one line per iteration), ``checkpoints/`` (atomic; ``resume`` continues exactly from the
-    newest valid one), ``samples_before.png``/``samples_after.png``/``samples_compare.png``,
-    ``reward.png``, ``lora/`` (diffusers LoRA format) and ``summary.json``.
+    trainer: Trainer
+    out: Path | None = None
+    summary: dict[str, Any] | None = None
+    built: Built | None = field(default=None, repr=False)
 
-    Launched by torchrun (``WORLD_SIZE`` > 1) it trains data-parallel (see
-    :mod:`soctune.distributed`); only rank 0 writes files, evaluates and returns the summary
-    (other ranks return ``{}``).
+    @property
+    def metrics(self) -> list[dict[str, float]]:
+        """One dict per iteration (reward_mean, loss, grad_norm, time, …)."""
+        return self.trainer.history
+
+    @property
+    def model(self) -> Denoiser:
+        return self.trainer.model
+
+    def sample(self, n: int, seed: int = 0, process: Process | None = None, base: bool = False,
+               cond: Any = None) -> Tensor:
+        """n samples [n, *S] (float32) of the fine-tuned model (``base=True``: the base model);
+        ``process`` samples with another process (e.g. another noise level)."""
+        return self.trainer.sample(n, seed=seed, process=process, base=base, cond=cond)
+
+    def save_lora(self, folder: str | Path) -> Path:
+        """The trained adaptation into ``folder``: a diffusers model's LoRA in diffusers format
+        (``pipe.load_lora_weights(folder)``; full fine-tuning: the whole network), otherwise the
+        trainable tensors of the model as ``adapter.safetensors``."""
+        folder = Path(folder)
+        if self.built is not None:
+            if self.built.cfg["model"]["full_finetune"]:
+                self.built.loaded.network.save_pretrained(folder)
+                return folder
+            return self.built.loaded.save_lora(folder)
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({n: p.detach().float().cpu().contiguous() for n, p in self.trainer.model.named_parameters()
+                   if p.requires_grad}, str(folder / "adapter.safetensors"))
+        return folder
+
+
+# ------------------------------------------------------------------------------- finetune
+def finetune(config: str | Path | dict[str, Any] | None = None, *, model: Denoiser | str | None = None,
+             process: Process | str | None = None, solver: Solver | str | None = None,
+             reward: RewardFn | str | None = None, sample_shape: tuple[int, ...] | None = None,
+             cond_sampler: Any = None, process_options: dict[str, Any] | None = None,
+             solver_options: dict[str, Any] | None = None, out: str | Path | None = None, resume: bool = False,
+             sets: list[str] | tuple[str, ...] = (), callback: Callable[[int, dict[str, float]], None] | None = None,
+             on_event: EventFn = _noop, **train: Any) -> FinetuneRun:
+    """Fine-tune a model on a reward — everything ``soctune finetune`` does, from Python.
+
+    Two ways to say what to train:
+
+    * **a diffusers model** (``model`` a folder / hub id / ``digits-ddpm``, or None for the
+      shipped digits model, with ``process`` / ``solver`` / ``reward`` as names): the config is
+      resolved exactly as the CLI resolves it (defaults ← preset or ``config`` file / dict ←
+      these arguments ← ``sets``); with ``out`` the run writes config.yaml, metrics.jsonl,
+      checkpoints (``resume=True`` continues exactly), pictures, lora/ and summary.json;
+    * **any** :class:`~soctune.models.base.Denoiser` (an analytic model with a correction
+      network, a user SDE's control): ``process`` and ``solver`` objects or registered names
+      (options in ``process_options`` / ``solver_options``), ``reward`` a callable r(x, cond)
+      -> [B], ``sample_shape`` the state shape; with ``out``: metrics, checkpoints, resume.
+
+    ``train``: :class:`~soctune.config.TrainConfig` fields — iters, batch_size, lr, seed,
+    grad_clip, grad_accum, device ("auto", "cpu", "cuda", "cuda:N", "mps"), precision ("fp32",
+    "bf16", "fp16"), log ("none", "tensorboard", "wandb"), checkpoint_every, max_nonfinite.
+    ``callback(step, metrics)`` is called after every iteration. Returns a :class:`FinetuneRun`
+    (``.sample(n)``, ``.save_lora(dir)``, ``.metrics``, ``.summary``).
+
+    Under ``accelerate launch`` / ``torchrun`` it trains data-parallel; only process 0 writes
+    files and evaluates (``summary`` is None on the others).
+    """
+    bad = set(train) - set(TrainConfig.__dataclass_fields__)
+    if bad:
+        raise SoctuneError(f"unknown training option(s) {sorted(bad)}; valid: {sorted(TrainConfig.__dataclass_fields__)}")
+    if model is None or isinstance(model, (str, Path)):
+        if isinstance(process, Process) or isinstance(solver, Solver) or (reward is not None and not isinstance(reward, str)):
+            raise SoctuneError("with a diffusers model (a path, or None for the shipped one) pass process, solver and "
+                               "reward as names; pass a Denoiser as model to use process/solver/reward objects")
+        flags: dict[str, Any] = {"model.path": None if model is None else str(model), "process.name": process,
+                                 "solver.name": solver, "reward": reward}
+        flags.update({f"train.{k}": v for k, v in train.items()})
+        layers = [{"process": process_options or {}}, {"solver": solver_options or {}}]
+        cfg = cfgmod.resolve(config, flags, sets, extra_layers=layers)
+        return finetune_config(cfg, out=out, resume=resume, on_event=on_event, callback=callback)
+    if config is not None or sets:
+        raise SoctuneError("config/sets describe a diffusers run; with a Denoiser object pass the training options as "
+                           "keyword arguments")
+    return _finetune_objects(model, process, solver, reward, sample_shape, cond_sampler, process_options,
+                             solver_options, out, resume, on_event, callback, TrainConfig(**train))
+
+
+def _finetune_objects(model: Denoiser, process: Process | str | None, solver: Solver | str | None, reward: Any,
+                      sample_shape: tuple[int, ...] | None, cond_sampler: Any, process_options: dict[str, Any] | None,
+                      solver_options: dict[str, Any] | None, out: str | Path | None, resume: bool, on_event: EventFn,
+                      callback: Any, tc: TrainConfig) -> FinetuneRun:
+    from .sde import get_process
+
+    if process is None or solver is None or reward is None or sample_shape is None:
+        raise SoctuneError("with a Denoiser as model, pass process, solver, reward and sample_shape")
+    if isinstance(reward, str):
+        reward = get_reward(reward)
+    proc = get_process(process, **(process_options or {})) if isinstance(process, str) else process
+    solv = get_solver(solver, **(solver_options or {})) if isinstance(solver, str) else solver
+    tc.validate()
+    rd = RunDir(out) if out is not None else None
+    if tc.log != "none" and rd is None:
+        raise SoctuneError(f"log={tc.log} writes under the output folder; pass out=")
+    acc = make_accelerator(tc.device, tc.precision, tc.log, project_dir=out)
+    if acc.is_main_process and rd is not None:
+        _prepare_out(rd, resume)
+    torch.manual_seed(tc.seed)
+    trainer = Trainer(proc, model, solv, reward, tuple(sample_shape), tc, cond_sampler=cond_sampler, accelerator=acc)
+    run = FinetuneRun(trainer, None if rd is None else rd.root)
+    tracker_cfg = {"process": getattr(proc, "registered_name", type(proc).__name__),
+                   "solver": getattr(solv, "registered_name", type(solv).__name__), **_flat("train", vars(tc))}
+    _train_loop(trainer, rd, resume, on_event if acc.is_main_process else _noop, callback, tracker_cfg)
+    return run
+
+
+def finetune_config(cfg: dict[str, Any], out: str | Path | None = None, resume: bool = False,
+                    on_event: EventFn = _noop, callback: Any = None) -> FinetuneRun:
+    """Fine-tune as configured (a resolved config, see :func:`soctune.config.resolve`).
+
+    With ``out``: writes ``config.yaml`` (resolved; rerunning with it reproduces the run),
+    ``metrics.jsonl`` (one line per iteration), ``checkpoints/`` (atomic, pickle-free;
+    ``resume`` continues exactly from the newest valid one),
+    ``samples_before.png``/``samples_after.png``/``samples_compare.png``, ``reward.png``,
+    ``lora/`` (diffusers LoRA format) and ``summary.json``, and with ``train.log`` a tensorboard
+    or wandb (offline unless ``WANDB_MODE`` says otherwise) run under ``out``.
     """
     cfg = cfgmod.validate(cfg)
-    info = dist_.init_from_env()
+    tc = train_config(cfg)
+    rd = RunDir(out) if out is not None else None
+    if tc.log != "none" and rd is None:
+        raise SoctuneError(f"train.log={tc.log} writes under the output folder; pass out= (--out)")
+    acc = make_accelerator(tc.device, tc.precision, tc.log, project_dir=out)
+    main = acc.is_main_process
     try:
-        summary = _finetune_run(cfg, out, resume, on_event if info.is_main else _noop, info)
+        if main and rd is not None:
+            _prepare_out(rd, resume)
+        torch.manual_seed(tc.seed)
+        b = build(cfg, acc.device)
+        resolved = dict(cfg, model=dict(cfg["model"], path=cfg["model"]["path"] or
+                                        default_model_for(cfg["process"]["name"])))
+        if main and rd is not None:
+            atomic_write_text(rd.config, cfgmod.dump(resolved))
+        trainer = Trainer(b.process, b.loaded.model, b.solver, b.reward, tuple(b.loaded.sample_shape), tc,
+                          cond_sampler=b.cond_sampler, accelerator=acc)
+        run = FinetuneRun(trainer, None if rd is None else rd.root, built=b)
+        tracker_cfg = {"process": cfg["process"]["name"], "solver": cfg["solver"]["name"], "reward": cfg["reward"],
+                       "model": resolved["model"]["path"], **_flat("train", cfg["train"])}
+        train_time = _train_loop(trainer, rd, resume, on_event if main else _noop, callback, tracker_cfg)
+        if main and rd is not None:
+            run.summary = _finish(run, cfg, resolved, rd, train_time, on_event)
     except BaseException:
-        dist_.shutdown(info, wait=False)  # the others may be gone: no barrier
+        _leave(acc, wait=False)  # the others may be gone: no barrier
         raise
-    dist_.shutdown(info)
-    return summary
+    _leave(acc)
+    return run
 
 
-def _finetune_run(cfg: dict[str, Any], out: str | Path, resume: bool, on_event: EventFn,
-                  info: dist_.DistInfo) -> dict[str, Any]:
-    rd = RunDir(out)
-    main = info.is_main
-    if main and rd.root.exists() and any(rd.root.iterdir()) and not resume:
-        if rd.checkpoints() or rd.metrics.exists():
-            raise SoctuneError(f"output folder '{out}' already holds a run; pass --resume to continue it or "
-                               "choose another --out")
-    if main:
-        rd.root.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg["train"]["seed"])
-    b = build(cfg)
-    resolved = dict(cfg, model=dict(cfg["model"], path=cfg["model"]["path"] or default_model_for(cfg["process"]["name"])))
-    if main:
-        atomic_write_text(rd.config, cfgmod.dump(resolved))
-    ft = Finetuner(b.process, b.loaded.model, b.solver, b.reward, tuple(b.loaded.sample_shape), train_config(cfg),
-                   cond_sampler=b.cond_sampler, dist=info)
-    start = load_latest_checkpoint(rd, ft, on_event) if resume else 0
-    if main:
+def _prepare_out(rd: RunDir, resume: bool) -> None:
+    """Create the output folder; refuse to write a new run over an old one."""
+    if rd.root.exists() and any(rd.root.iterdir()) and not resume:
+        if rd.checkpoints() or rd.pickled_checkpoints() or rd.metrics.exists():
+            raise SoctuneError(f"output folder '{rd.root}' already holds a run; pass --resume (resume=True) to continue "
+                               "it or choose another --out")
+    rd.root.mkdir(parents=True, exist_ok=True)
+
+
+def _flat(prefix: str, d: dict[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}.{k}": v for k, v in d.items() if isinstance(v, (int, float, str, bool))}
+
+
+def _train_loop(trainer: Trainer, rd: RunDir | None, resume: bool, on_event: EventFn, callback: Any,
+                tracker_cfg: dict[str, Any]) -> float:
+    """Iterate to ``config.iters`` with metrics lines, checkpoints and trackers; returns the
+    training wall time in seconds. A run stopped by non-finite updates leaves a checkpoint."""
+    acc, main = trainer.accelerator, trainer.is_main
+    start = load_latest_checkpoint(rd, trainer, on_event) if (resume and rd is not None) else 0
+    if main and rd is not None:
         _truncate_metrics(rd.metrics, start)
-    on_event("start", {"iters": ft.config.iters, "resumed_from": start, "world_size": info.world_size})
-    every = cfg["train"]["checkpoint_every"]
+    if trainer.config.log != "none":
+        init = {"wandb": {"dir": str(rd.root) if rd else None, "mode": os.environ.get("WANDB_MODE", "offline")}}
+        acc.init_trackers("soctune", config=tracker_cfg, init_kwargs=init)
+    on_event("start", {"iters": trainer.config.iters, "resumed_from": start, "world_size": trainer.world_size})
+    every = trainer.config.checkpoint_every
     t_start = time.perf_counter()
-    while ft.step < ft.config.iters:
+    while trainer.step < trainer.config.iters:
         try:
-            metrics = ft.train_iteration()
+            metrics = trainer.train_iteration()
         except NonFiniteError as exc:
-            if not main:
+            if not main or rd is None:
                 raise
-            path = save_checkpoint(rd, ft)
+            path = save_checkpoint(rd, trainer)
             raise NonFiniteError(f"{exc}; saved {path.relative_to(rd.root)} — lower them and continue with "
                                  "--resume") from None
-        if main:
-            append_jsonl(rd.metrics, {"iteration": ft.step - 1, **{k: v for k, v in metrics.items() if k != "iteration"}})
-            if metrics.get("skipped_nonfinite"):
-                on_event("warning", {"message": f"iteration {ft.step - 1}: non-finite {getattr(ft, 'last_nonfinite', 'value')}, "
-                                                f"update skipped ({ft.nonfinite_in_row} in a row, at most "
-                                                f"{ft.config.max_nonfinite})"})
-        on_event("iteration", {"step": ft.step, **metrics})
-        if main and every and ft.step % every == 0 and ft.step < ft.config.iters:
-            save_checkpoint(rd, ft)
-    if not main:
-        return {}
-    save_checkpoint(rd, ft)
-    train_time = time.perf_counter() - t_start
+        if trainer.config.log != "none":
+            acc.log({k: v for k, v in metrics.items() if k != "iteration"}, step=trainer.step - 1)
+        if main and rd is not None:
+            append_jsonl(rd.metrics, {"iteration": trainer.step - 1,
+                                      **{k: v for k, v in metrics.items() if k != "iteration"}})
+        if main and metrics.get("skipped_nonfinite"):
+            on_event("warning", {"message": f"iteration {trainer.step - 1}: non-finite {trainer.last_nonfinite}, "
+                                            f"update skipped ({trainer.nonfinite_in_row} in a row, at most "
+                                            f"{trainer.config.max_nonfinite})"})
+        on_event("iteration", {"step": trainer.step, **metrics})
+        if callback is not None:
+            callback(trainer.step, metrics)
+        if main and rd is not None and every and trainer.step % every == 0 and trainer.step < trainer.config.iters:
+            save_checkpoint(rd, trainer)
+    if main and rd is not None:
+        save_checkpoint(rd, trainer)
+    if trainer.config.log != "none":
+        acc.end_training()
+    return time.perf_counter() - t_start
 
+
+def _finish(run: FinetuneRun, cfg: dict[str, Any], resolved: dict[str, Any], rd: RunDir, train_time: float,
+            on_event: EventFn) -> dict[str, Any]:
+    """Evaluation, pictures, LoRA and summary.json of a finished config run (process 0)."""
+    b, trainer = run.built, run.trainer
+    assert b is not None
     on_event("phase", {"message": "evaluating base vs fine-tuned"})
     ev = cfg["eval"]
-    summary, img_b, img_f = evaluate_pair(b, ev["n_samples"], ev["seed"])
-    summary.update(train_seconds=train_time, iterations=ft.step, process=cfg["process"]["name"],
+    summary, img_b, img_f = evaluate_pair(b, ev["n_samples"], ev["seed"], device=trainer.device,
+                                          autocast=trainer.autocast)
+    summary.update(train_seconds=train_time, iterations=trainer.step, process=cfg["process"]["name"],
                    solver=cfg["solver"]["name"], reward=cfg["reward"], model=resolved["model"]["path"],
-                   world_size=info.world_size)
+                   world_size=trainer.world_size, device=str(trainer.device), precision=cfg["train"]["precision"])
     g = ev["grid"]
     rb, ra = summary["before"]["reward_mean"], summary["after"]["reward_mean"]
     save_grid(img_b[:g], rd.root / "samples_before.png", title=f"base  (reward {rb:.3f})")
@@ -313,13 +507,22 @@ def _finetune_run(cfg: dict[str, Any], out: str | Path, resume: bool, on_event: 
                rd.root / "reward.png", "reward (training batch)", band=[h.get("reward_std", 0.0) for h in hist],
                title=f"{cfg['solver']['name']} on {cfg['process']['name']}, reward {cfg['reward']}")
     # the model is never wrapped (no DistributedDataParallel), so adapter keys carry no "module." prefix
-    if cfg["model"]["full_finetune"]:
-        b.loaded.network.save_pretrained(rd.root / "model")
-    else:
-        b.loaded.save_lora(rd.lora)
+    run.save_lora(rd.root / "model" if cfg["model"]["full_finetune"] else rd.lora)
     atomic_write_text(rd.summary, json.dumps(summary, indent=2))
     on_event("done", summary)
     return summary
+
+
+def _leave(acc: Any, wait: bool = True) -> None:
+    """Leave a multi-process job: after a final barrier (no process exits while others still
+    talk) unless ``wait=False`` (error path: peers may be gone)."""
+    if acc.num_processes > 1:
+        import torch.distributed as dist
+
+        if wait:
+            acc.wait_for_everyone()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _truncate_metrics(path: Path, start: int) -> None:
@@ -345,15 +548,19 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------- sample
 def sample_run(*, model: str | None, process: str, loras: list[tuple[str, float]], num_steps: int,
                noise_scale: float | None, n: int, seed: int, out: str | Path, prompts: list[str] | None = None,
-               guidance_scale: float = 1.0, on_event: EventFn = _noop) -> Path:
+               guidance_scale: float = 1.0, device: str = "auto", precision: str = "fp32",
+               on_event: EventFn = _noop) -> Path:
     """Sample ``n`` states with optional LoRAs (each with a scale; several are mixed) and write
     ``samples.npz`` (key ``x``: float32 [N, C, H, W] images in [−1, 1]) and ``grid.png``.
-    ``noise_scale=0`` solves the probability-flow ODE with torchdiffeq."""
+    ``noise_scale=0`` solves the probability-flow ODE with torchdiffeq. Sampled on ``device``
+    with the network under ``precision``'s autocast (the frozen weights in that dtype)."""
     from .models.diffusers_model import load_model
     from .sde.gaussian import GaussianPathProcess, sample_ode
 
+    acc = make_accelerator(device, precision)
+    dev = acc.device
     path = model or default_model_for(process)
-    loaded = load_model(path, lora_rank=0, guidance_scale=guidance_scale)
+    loaded = load_model(path, lora_rank=0, guidance_scale=guidance_scale, device=dev, dtype=DTYPES[precision])
     names = {}
     for i, (folder, scale) in enumerate(loras):
         if not Path(folder).exists():
@@ -365,23 +572,23 @@ def sample_run(*, model: str | None, process: str, loras: list[tuple[str, float]
     if noise_scale is not None and noise_scale > 0:
         opts["noise_scale"] = noise_scale
     proc = loaded.default_process(process, num_steps=num_steps, **opts)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=dev).manual_seed(seed)
     cond_sampler = loaded.cond_sampler(prompts) if prompts else None
     outs = []
     for start in range(0, n, 256):
         m = min(256, n - start)
         cond = cond_sampler(m, gen) if cond_sampler is not None else None
-        with torch.no_grad():
+        with torch.no_grad(), acc.autocast():
             if noise_scale == 0:
                 if not isinstance(proc, GaussianPathProcess):
                     raise SoctuneError(f"--noise-scale 0 (the ODE) needs a Gaussian-path process, not '{process}'")
-                x0 = proc.prior((m, *loaded.sample_shape), generator=gen)
+                x0 = proc.prior((m, *loaded.sample_shape), generator=gen, device=dev)
                 x = sample_ode(proc, loaded.model, x0, cond)
             else:
                 x = rollout(proc, loaded.model, batch_size=m, sample_shape=tuple(loaded.sample_shape), cond=cond,
-                            generator=gen, callback=lambda k, _x: on_event("step", {"k": k + 1, "of": proc.num_steps})
+                            generator=gen, device=dev, callback=lambda k, _x: on_event("step", {"k": k + 1, "of": proc.num_steps})
                             ).x_final
-            outs.append(loaded.decode(x).float().clamp(-1, 1))
+            outs.append(loaded.decode(x.float()).float().clamp(-1, 1).cpu())
         on_event("batch", {"done": start + m, "of": n})
     images = torch.cat(outs)
     outp = Path(out)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from soctune.finetune import Finetuner, TrainConfig
+from soctune import TrainConfig, Trainer
 from soctune.models.base import CorrectedDenoiser, Denoiser, ZeroDenoiser
 from soctune.models.gmm import GaussianMixture, GaussianMixtureDenoiser, two_mode_mixture
 from soctune.registry import SoctuneError
@@ -185,7 +185,7 @@ def test_two_iterations_are_finite(name: str, options: dict[str, Any]) -> None:
     solver = get_solver("adjoint-matching", reward_scale=1.0, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a memoryless process must not warn
-        ft = Finetuner(process, model, solver, LinearReward((0.5, 0.0)), (2,), TrainConfig(iters=2, batch_size=16))
+        ft = Trainer(process, model, solver, LinearReward((0.5, 0.0)), (2,), TrainConfig(iters=2, batch_size=16))
     before = [p.detach().clone() for p in model.trainable_parameters()]
     history = ft.train()
     assert len(history) == 2
@@ -234,7 +234,7 @@ def test_score_estimator_trains_on_a_reward_without_gradient() -> None:
         return (x.detach()[:, 0] > 0).float()
 
     before = [p.detach().clone() for p in model.trainable_parameters()]
-    ft = Finetuner(process, model, AdjointMatching(estimator="score"), step_reward, (2,),
+    ft = Trainer(process, model, AdjointMatching(estimator="score"), step_reward, (2,),
                    TrainConfig(iters=2, batch_size=32))
     history = ft.train()
     for m in history:
@@ -281,7 +281,7 @@ def test_non_memoryless_process_warns(process_name: str, options: dict[str, Any]
     else:
         model = _gmm_model(process)
     with pytest.warns(UserWarning, match="NOT the reward tilt.*fm-memoryless"):
-        Finetuner(process, model, AdjointMatching(), LinearReward((1.0, 0.0)), (2,), TrainConfig(iters=1))
+        Trainer(process, model, AdjointMatching(), LinearReward((1.0, 0.0)), (2,), TrainConfig(iters=1))
 
 
 def test_bad_options_are_one_line_errors() -> None:
@@ -303,7 +303,7 @@ def test_linear_soc_problem_recovers_the_constant_optimal_control() -> None:
     process = EulerMaruyama(diffusion=sigma, num_steps=20, prior_std=0.0, memoryless=True)
     torch.manual_seed(0)
     model = CorrectedDenoiser(ZeroDenoiser(), 2, hidden=32, depth=2)
-    ft = Finetuner(process, model, AdjointMatching(reward_scale=lam), LinearReward(a), (2,),
+    ft = Trainer(process, model, AdjointMatching(reward_scale=lam), LinearReward(a), (2,),
                    TrainConfig(iters=60, batch_size=64, lr=1e-2, seed=0))
     ft.train()
     u_star = sigma * lam * a
@@ -330,7 +330,7 @@ def test_step_by_step_backward_is_the_same_update() -> None:
         torch.manual_seed(0)
         model = _gmm_model(process)
         solver = get_solver("adjoint-matching", reward_scale=1.0, loss_clip=clip)
-        ft = Finetuner(process, model, solver, LinearReward((0.5, 0.0)), (2,),
+        ft = Trainer(process, model, solver, LinearReward((0.5, 0.0)), (2,),
                        TrainConfig(iters=2, batch_size=16, lr=1e-2, seed=0))
         hist = ft.train()
         assert all(h["updates"] == 1.0 for h in hist)

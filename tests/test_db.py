@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from soctune.finetune import Finetuner, TrainConfig
+from soctune import TrainConfig, Trainer
 from soctune.models.base import CorrectedDenoiser, ZeroDenoiser
 from soctune.models.gmm import GaussianMixtureDenoiser, two_mode_mixture
 from soctune.registry import SoctuneError
@@ -49,7 +49,7 @@ def test_two_iterations_finite_without_reward_gradients(variant: str, process_na
     process = get_process(process_name, num_steps=10)
     reward = NoGradReward()
     solver = get_solver("db", variant=variant, transitions=4, inner_steps=2)
-    ft = Finetuner(process, _model(process, pred_type), solver, reward, (2,), TrainConfig(iters=2, batch_size=16, lr=1e-2))
+    ft = Trainer(process, _model(process, pred_type), solver, reward, (2,), TrainConfig(iters=2, batch_size=16, lr=1e-2))
     hist = ft.train()
     assert reward.calls > 0
     for h in hist:
@@ -87,7 +87,7 @@ def test_dag_db_needs_a_gaussian_path_process() -> None:
     process = get_process("euler-maruyama", num_steps=5)
     model = CorrectedDenoiser(ZeroDenoiser(), dim=2, hidden=8, depth=1)
     with pytest.raises(SoctuneError, match="residual-db"):
-        Finetuner(process, model, get_solver("db", variant="dag-db"), NoGradReward(), (2,), TrainConfig(iters=1))
+        Trainer(process, model, get_solver("db", variant="dag-db"), NoGradReward(), (2,), TrainConfig(iters=1))
 
 
 def test_bad_variant_raises() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from soctune.finetune import Finetuner, TrainConfig, finetune
+from soctune import TrainConfig, Trainer, finetune
 from soctune.models.base import CorrectedDenoiser
 from soctune.models.gmm import GaussianMixtureDenoiser, two_mode_mixture
 from soctune.registry import SoctuneError
@@ -34,7 +34,7 @@ def test_ddpo_trains_finitely(name: str) -> None:
     ft = finetune(model=_gmm_model(proc, name), process=proc, solver="ddpo",
                   solver_options={"inner_epochs": 2, "minibatches": 2, "clip_range": 0.2},
                   reward=LinearReward([1.0, 0.0]), sample_shape=(2,), iters=2, batch_size=32, lr=1e-3)
-    for m in ft.history:
+    for m in ft.metrics:
         assert m["updates"] == 4.0  # one optimiser step per minibatch and epoch
         assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
         assert math.isfinite(m["reward_mean"]) and math.isfinite(m["approx_kl"])
@@ -47,7 +47,7 @@ def test_first_update_is_on_policy_then_ratios_move_and_clip(name: str) -> None:
     proc = get_process(name, num_steps=6)
     model = _gmm_model(proc, name)
     solver = DDPOSolver(inner_epochs=3, minibatches=2, clip_range=0.05)
-    ft = Finetuner(proc, model, solver, LinearReward([1.0, 0.0]), (2,), TrainConfig(batch_size=64, lr=1e-2))
+    ft = Trainer(proc, model, solver, LinearReward([1.0, 0.0]), (2,), TrainConfig(batch_size=64, lr=1e-2))
     seen = []
     for out in solver.iteration(ft.ctx):
         seen.append(dict(out.metrics, loss=float(out.loss.detach())))
@@ -124,7 +124,7 @@ def test_conditioned_training_groups_by_label() -> None:
         return captured["adv"]
 
     solver.advantages = spy  # type: ignore[method-assign]
-    ft = Finetuner(proc, model, solver, reward, (2,), TrainConfig(batch_size=64), cond_sampler=sampler)
+    ft = Trainer(proc, model, solver, reward, (2,), TrainConfig(batch_size=64), cond_sampler=sampler)
     ft.train_iteration()
     for c in (0, 1):
         a = captured["adv"][captured["cond"] == c]
@@ -137,7 +137,7 @@ def test_ddpo_on_a_deterministic_process_is_refused(name: str) -> None:
     proc = get_process(name, num_steps=6, noise_scale=0.0)
     model = _gmm_model(proc, name)
     with pytest.raises(SoctuneError, match="needs a stochastic process") as exc:
-        Finetuner(proc, model, DDPOSolver(), LinearReward([1.0, 0.0]), (2,))
+        Trainer(proc, model, DDPOSolver(), LinearReward([1.0, 0.0]), (2,))
     assert "\n" not in str(exc.value)
 
 
@@ -153,4 +153,4 @@ def test_step_fraction_and_mean_reduction_train() -> None:
     ft = finetune(model=_gmm_model(proc, "fm-memoryless"), process=proc, solver="ddpo",
                   solver_options={"step_fraction": 0.5, "logprob_reduction": "mean", "minibatches": 2},
                   reward=LinearReward([1.0, 0.0]), sample_shape=(2,), iters=2, batch_size=16)
-    assert all(math.isfinite(m["loss"]) and m["updates"] == 2.0 for m in ft.history)
+    assert all(math.isfinite(m["loss"]) and m["updates"] == 2.0 for m in ft.metrics)

@@ -11,7 +11,7 @@ What is checked:
   network; weight 0 restores the pipeline's base output exactly; ``with model.base():`` equals
   the network before adapters were added, exactly; mixing/scaling of several LoRAs;
 * bad input gives one-line SoctuneErrors naming the fix;
-* two iterations of adjoint-matching, nabla-db and draft through Finetuner on the tiny SD model
+* two iterations of adjoint-matching, nabla-db and draft through Trainer on the tiny SD model
   with prompts and CFG, reward on decoded images.
 """
 
@@ -485,7 +485,7 @@ def test_text_model_without_cond_samples_unconditionally(sd_dir: Path) -> None:
     ("draft", {"k": 1}),
 ])
 def test_solvers_run_on_tiny_sd_with_prompts_and_cfg(sd_dir: Path, solver: str, options: dict) -> None:
-    from soctune.finetune import Finetuner, TrainConfig
+    from soctune import TrainConfig, Trainer
     from soctune.solvers import get_solver
 
     m = load_model(sd_dir, lora_rank=4, guidance_scale=3.0)
@@ -499,7 +499,7 @@ def test_solvers_run_on_tiny_sd_with_prompts_and_cfg(sd_dir: Path, solver: str, 
     cond_probe = m.encode_prompts(PROMPTS[:2])
     base_before = m.model(x_probe, t_probe, cond_probe).detach()
     lora_before = [p.detach().clone() for p in m.trainable_parameters()]
-    ft = Finetuner(proc, m.model, get_solver(solver, reward_scale=10.0, **options), reward, m.sample_shape,
+    ft = Trainer(proc, m.model, get_solver(solver, reward_scale=10.0, **options), reward, m.sample_shape,
                    TrainConfig(iters=2, batch_size=2, lr=1e-2, seed=0), cond_sampler=m.cond_sampler(PROMPTS))
     history = ft.train()
     assert len(history) == 2 and all(h["updates"] >= 1 for h in history)

@@ -1,5 +1,5 @@
-"""Data-parallel training (soctune.distributed): 2 gloo processes with global batch B take the
-same update as 1 process with batch B, and the LoRA rank 0 saves loads into the base model.
+"""Data-parallel training (soctune.trainer on accelerate, soctune.distributed): 2 gloo processes
+with global batch B take the same update as 1 process with batch B, and the LoRA rank 0 saves loads into the base model.
 
 Why the comparison can be (nearly) exact: every rank draws the prior and step noise of the
 whole global batch from one identically seeded generator and keeps its rows, so the 2-rank run
@@ -38,24 +38,28 @@ def _cfg() -> dict:
     return cfgmod.validate(cfgmod.merge(cfgmod.defaults(), CFG_SETS))
 
 
-def _one_iteration(out: Path, info=None) -> dict:
+def _one_iteration(out: Path, grad_accum: int = 1) -> dict:
     """Build the digits run, take one training iteration; return weights before/after, Adam's
-    first moments and metrics (keys: trainable names)."""
-    from soctune.finetune import Finetuner
+    first moments and metrics (keys: trainable names). Under a multi-process launch (the
+    environment of ``_worker``) accelerate joins the gloo group when the trainer is made."""
+    from soctune import Trainer
     from soctune.run import build, train_config
+    from soctune.trainer import make_accelerator
 
     cfg = _cfg()
+    acc = make_accelerator("cpu", "fp32")
     torch.manual_seed(cfg["train"]["seed"])
-    b = build(cfg)
-    ft = Finetuner(b.process, b.loaded.model, b.solver, b.reward, tuple(b.loaded.sample_shape), train_config(cfg),
-                   cond_sampler=b.cond_sampler, dist=info)
+    b = build(cfg, acc.device)
+    tc = train_config(cfg)
+    tc.grad_accum = grad_accum
+    ft = Trainer(b.process, b.loaded.model, b.solver, b.reward, tuple(b.loaded.sample_shape), tc, accelerator=acc)
     named = ft._named_trainable()
     before = {n: p.detach().clone() for n, p in named}
     metrics = ft.train_iteration()
     after = {n: p.detach().clone() for n, p in named}
     state = ft.optimizer.state
     moments = {n: state[p]["exp_avg"].clone() for n, p in named if p in state}
-    if info is None or info.is_main:
+    if ft.is_main:
         b.loaded.save_lora(out / "lora")
     return {"before": before, "after": after, "exp_avg": moments, "metrics": metrics}
 
@@ -63,13 +67,13 @@ def _one_iteration(out: Path, info=None) -> dict:
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    from soctune import distributed as D
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    import torch.distributed as dist
 
-    info = D.init_from_env()
-    res = _one_iteration(Path(out), info)
+    res = _one_iteration(Path(out))
     torch.save(res, Path(out) / f"rank{rank}.pt")
-    D.shutdown(info)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -78,14 +82,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_shard_rows_and_batch_divisibility():
-    from soctune.distributed import DistInfo, shard_rows
+def test_batch_must_split_evenly_over_processes_and_micro_batches():
+    from soctune import Trainer
+    from soctune.config import TrainConfig
+    from soctune.models.base import CorrectedDenoiser, ZeroDenoiser
     from soctune.registry import SoctuneError
+    from soctune.rewards.base import LinearReward
+    from soctune.sde import get_process
 
-    assert shard_rows(8, DistInfo(1, 2)) == (4, 8)
-    assert shard_rows(8, DistInfo(0, 1)) == (0, 8)
-    with pytest.raises(SoctuneError, match="divisible by the number of processes 3"):
-        shard_rows(8, DistInfo(0, 3))
+    proc = get_process("euler-maruyama", num_steps=3)
+    with pytest.raises(SoctuneError, match="divisible by processes × grad_accum = 1 × 3"):
+        Trainer(proc, CorrectedDenoiser(ZeroDenoiser(), dim=2), _am(), LinearReward([1.0, 0.0]),
+                (2,), TrainConfig(batch_size=8, grad_accum=3, device="cpu"))
+
+
+def _am():
+    from soctune.solvers import get_solver
+
+    return get_solver("adjoint-matching")
+
+
+@needs_assets
+def test_gradient_accumulation_takes_the_one_batch_update(tmp_path):
+    """grad_accum = 2 rolls out the same trajectories in two micro-batches (each draws the
+    global batch's noise and keeps its rows, the same way processes do) and sums their
+    gradients: the update equals one batch's to float32 summation order (the same bounds as
+    the 2-process test below)."""
+    torch.set_num_threads(1)
+    one = _one_iteration(tmp_path / "one")
+    two = _one_iteration(tmp_path / "two", grad_accum=2)
+    g1 = torch.cat([v.flatten() for v in one["exp_avg"].values()])
+    g2 = torch.cat([two["exp_avg"][n].flatten() for n in one["exp_avg"]])
+    assert g1.abs().max() > 0
+    assert (g2 - g1).abs().max() <= 1e-5 * g1.abs().max(), float((g2 - g1).abs().max() / g1.abs().max())
+    for key in ("loss", "reward_mean", "grad_norm"):
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-4, abs=1e-6), key
 
 
 def test_sharded_rollout_reproduces_the_global_batch_rows():
@@ -116,7 +147,7 @@ def test_two_gloo_ranks_match_one_process_and_save_a_loadable_lora(tmp_path):
     dp_dir = tmp_path / "dp"
     dp_dir.mkdir()
     mp.spawn(_worker, args=(2, _free_port(), str(dp_dir)), nprocs=2, join=True)
-    r0, r1 = (torch.load(dp_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    r0, r1 = (torch.load(dp_dir / f"rank{r}.pt", weights_only=True) for r in (0, 1))
 
     # identical init on every rank, and the ranks end identical (averaged gradients)
     for n in single["before"]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from soctune.finetune import Finetuner, TrainConfig, finetune
+from soctune import TrainConfig, Trainer, finetune
 from soctune.models.base import CorrectedDenoiser, Denoiser, ZeroDenoiser
 from soctune.models.gmm import GaussianMixtureDenoiser, two_mode_mixture
 from soctune.registry import SoctuneError
@@ -61,8 +61,8 @@ class StepOffsetDenoiser(Denoiser):
 
 
 def _context(process: Any, model: Denoiser, solver: DraftSolver, reward: Any, batch: int = 32, seed: int = 0
-             ) -> Finetuner:
-    return Finetuner(process, model, solver, reward, (2,), TrainConfig(batch_size=batch, seed=seed))
+             ) -> Trainer:
+    return Trainer(process, model, solver, reward, (2,), TrainConfig(batch_size=batch, seed=seed))
 
 
 @pytest.mark.parametrize("name", PROCESSES)
@@ -71,8 +71,8 @@ def test_every_variant_trains_finitely(name: str, options: dict[str, Any]) -> No
     proc = get_process(name, num_steps=8)
     ft = finetune(model=_gmm_model(proc, name), process=proc, solver="draft", solver_options=options,
                   reward=LinearReward([0.5, 0.0]), sample_shape=(2,), iters=2, batch_size=32, lr=1e-3)
-    assert len(ft.history) == 2
-    for m in ft.history:
+    assert len(ft.metrics) == 2
+    for m in ft.metrics:
         assert m["updates"] == 1.0
         assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
         assert math.isfinite(m["reward_mean"]) and m["reward_std"] > 0
@@ -235,15 +235,15 @@ def test_impossible_pairs_fail_with_one_line_errors() -> None:
     model = _gmm_model(gmm_proc, "ddpm")
     reward = LinearReward([1.0, 0.0])
     with pytest.raises(SoctuneError, match="stochastic step before the last") as exc:
-        Finetuner(gmm_proc, model, DraftSolver(lv_samples=4), reward, (2,))
+        Trainer(gmm_proc, model, DraftSolver(lv_samples=4), reward, (2,))
     assert "\n" not in str(exc.value)
-    Finetuner(gmm_proc, model, DraftSolver(k=2), reward, (2,))  # plain DRaFT runs on the ODE sampler
+    Trainer(gmm_proc, model, DraftSolver(k=2), reward, (2,))  # plain DRaFT runs on the ODE sampler
     em = get_process("euler-maruyama", num_steps=8)
     soc_model = CorrectedDenoiser(ZeroDenoiser(), 2, hidden=16, depth=1)
     with pytest.raises(SoctuneError, match="x̂₁"):
-        Finetuner(em, soc_model, DraftSolver(variant="refl"), reward, (2,))
+        Trainer(em, soc_model, DraftSolver(variant="refl"), reward, (2,))
     with pytest.raises(SoctuneError, match="refl_k_min"):
-        Finetuner(gmm_proc, model, DraftSolver(variant="refl", refl_k_min=8), reward, (2,))
+        Trainer(gmm_proc, model, DraftSolver(variant="refl", refl_k_min=8), reward, (2,))
     for bad in ({"k": 0}, {"k": "some"}, {"variant": "reinforce"}, {"lv_samples": 2, "k": 3},
                 {"lv_samples": 2, "variant": "refl"}, {"variant": "refl", "k": "all"}, {"kl_weight": -1.0}, {"reward_scale": 0.0}):
         with pytest.raises(SoctuneError):

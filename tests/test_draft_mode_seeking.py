@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from soctune.finetune import Finetuner, finetune
+from soctune import Trainer, finetune
 from soctune.models.base import CorrectedDenoiser
 from soctune.models.gmm import GaussianMixtureDenoiser, two_mode_mixture
 from soctune.rewards import LinearReward, QuadraticReward
@@ -37,7 +37,7 @@ def spread(x: torch.Tensor) -> float:
     return float(x.double().var(0).sum())
 
 
-def run_draft1(seed: int, iters: int = 150) -> tuple[Finetuner, float, float]:
+def run_draft1(seed: int, iters: int = 150) -> tuple[Trainer, float, float]:
     proc, model = _setup(seed)
     reward = QuadraticReward(c=CENTRE)
     ft = finetune(model=model, process=proc, solver="draft", solver_options={"k": 1, "reward_scale": LAM},
@@ -58,7 +58,7 @@ def run_ddpo(seed: int, iters: int = 30) -> list[float]:
     ft = finetune(model=model, process=proc, solver="ddpo",
                   solver_options={"inner_epochs": 2, "minibatches": 2, "clip_range": 0.2},
                   reward=LinearReward([1.0, 0.0]), sample_shape=(2,), iters=iters, batch_size=128, lr=1e-3, seed=seed)
-    return [m["reward_mean"] for m in ft.history]
+    return [m["reward_mean"] for m in ft.metrics]
 
 
 def test_draft1_is_mode_seeking_against_the_exact_tilt() -> None:

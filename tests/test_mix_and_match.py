@@ -4,7 +4,7 @@ cannot work are refused up front with a one-line reason.
 The solvers only see a process through its Gaussian step kernel (mean map, std), so any
 solver × process pair must train; the exceptions are structural (no noise to carry a control
 or a log-density, no data estimate x̂₁ for ReFL, no noising kernel for DAG-DB) and must be
-caught by ``Solver.check`` when the :class:`~soctune.finetune.Finetuner` is built, not as a
+caught by ``Solver.check`` when the :class:`~soctune.trainer.Trainer` is built, not as a
 crash (or a silent NaN) at the first iteration.
 """
 
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from helpers import conformance_process_names, tiny_model_for
-from soctune.finetune import Finetuner, TrainConfig, finetune
+from soctune import TrainConfig, Trainer, finetune
 from soctune.registry import SoctuneError
 from soctune.rewards.base import QuadraticReward
 from soctune.sde import PROCESSES, get_process, list_processes
@@ -34,14 +34,14 @@ PAIRS = [(p, s) for p in PROCESS_NAMES for s in SOLVER_NAMES]
 
 
 def _finetuner(process_name: str, process_options: dict[str, Any], solver_name: str,
-               solver_options: dict[str, Any], iters: int = 2) -> Finetuner:
+               solver_options: dict[str, Any], iters: int = 2) -> Trainer:
     process = get_process(process_name, **{"num_steps": K, **process_options})
     model = tiny_model_for(process)
     solver = get_solver(solver_name, **solver_options)
     with warnings.catch_warnings():
         # adjoint-matching on a non-memoryless process warns (not the tilt) and still runs
         warnings.simplefilter("ignore", UserWarning)
-        return Finetuner(process, model, solver, REWARD, (2,), TrainConfig(iters=iters, batch_size=8, seed=0))
+        return Trainer(process, model, solver, REWARD, (2,), TrainConfig(iters=iters, batch_size=8, seed=0))
 
 
 @pytest.mark.parametrize("process_name, solver_name", PAIRS, ids=[f"{p}-{s}" for p, s in PAIRS])
@@ -64,7 +64,7 @@ def test_the_library_entry_point_mixes_by_name() -> None:
     ft = finetune(model=tiny_model_for(process), process="ddpm", process_options={"num_steps": K},
                   solver="nabla-db", solver_options={"reward_scale": 0.5}, reward=REWARD, sample_shape=(2,),
                   iters=2, batch_size=8)
-    assert len(ft.history) == 2 and all(math.isfinite(m["loss"]) for m in ft.history)
+    assert len(ft.metrics) == 2 and all(math.isfinite(m["loss"]) for m in ft.metrics)
     x = ft.sample(16, seed=1)
     assert x.shape == (16, 2) and torch.isfinite(x).all()
 
@@ -125,7 +125,7 @@ def test_the_grid_covers_every_builtin() -> None:
 
 def test_impossible_pairs_are_refused_at_construction_with_one_line() -> None:
     """Exactly the pairs in REJECTED raise a one-line SoctuneError naming the reason (and the
-    process) when the Finetuner is built; every other pair of the grid trains two finite iterations."""
+    process) when the Trainer is built; every other pair of the grid trains two finite iterations."""
     refused: dict[tuple[str, str], str] = {}
     for pkey, (pname, popts) in GRID_PROCESSES.items():
         for skey, (sname, sopts) in GRID_SOLVERS.items():

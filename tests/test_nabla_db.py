@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from soctune.finetune import Finetuner, TrainConfig
+from soctune import TrainConfig, Trainer
 from soctune.models.base import CorrectedDenoiser
 from soctune.models.gmm import GaussianMixtureDenoiser, two_mode_mixture
 from soctune.registry import SoctuneError
@@ -105,7 +105,7 @@ def test_two_iterations_give_finite_losses(process_name: str, pred_type: str) ->
     model = CorrectedDenoiser(GaussianMixtureDenoiser(two_mode_mixture(), process, pred_type), dim=2,
                               hidden=32, depth=2)
     solver = get_solver("nabla-db", transitions=4, inner_steps=2, reg_weight=1.0)
-    ft = Finetuner(process, model, solver, LinearReward([0.5, 0.0]), (2,), TrainConfig(iters=2, batch_size=16, lr=1e-2))
+    ft = Trainer(process, model, solver, LinearReward([0.5, 0.0]), (2,), TrainConfig(iters=2, batch_size=16, lr=1e-2))
     hist = ft.train()
     assert len(hist) == 2
     for h in hist:
@@ -123,7 +123,7 @@ def test_no_flow_variant_has_no_flow_network() -> None:
     model = CorrectedDenoiser(GaussianMixtureDenoiser(two_mode_mixture(), process, "epsilon"), dim=2,
                               hidden=32, depth=2)
     solver = get_solver("nabla-db", no_flow=True, transitions=3)
-    ft = Finetuner(process, model, solver, LinearReward([0.5, 0.0]), (2,), TrainConfig(iters=1, batch_size=8))
+    ft = Trainer(process, model, solver, LinearReward([0.5, 0.0]), (2,), TrainConfig(iters=1, batch_size=8))
     assert solver.flow is None and len(list(solver.parameters())) == 0
     h = ft.train()[-1]
     assert math.isfinite(h["loss"]) and h["loss_reverse"] == 0.0 and h["loss_terminal"] == 0.0
@@ -166,7 +166,7 @@ def test_prediction_weighting_is_the_residual_in_prediction_units(process_name: 
         torch.testing.assert_close(m1 - m0, float(coef[k]) * delta, rtol=1e-4, atol=1e-6)
         s2 = float(traj.stds[k]) ** 2
         assert solver._step_weight(process, traj, k) == pytest.approx((s2 / abs(float(coef[k]))) ** 2, rel=1e-9)
-    ft = Finetuner(process, model, solver, LinearReward([0.5, 0.0]), (2,), TrainConfig(iters=2, batch_size=16, lr=1e-2))
+    ft = Trainer(process, model, solver, LinearReward([0.5, 0.0]), (2,), TrainConfig(iters=2, batch_size=16, lr=1e-2))
     assert all(math.isfinite(h["loss"]) for h in ft.train())
 
 
@@ -223,7 +223,7 @@ def chain_flow_error(seed: int, reverse_target: str = "chain", iters: int = 150)
     model = CorrectedDenoiser(GaussianMixtureDenoiser(gauss, process, "epsilon"), dim=2, hidden=32, depth=2)
     a = torch.tensor([0.5, -0.25])
     solver = get_solver("nabla-db", reverse_target=reverse_target, gamma="zero", transitions=1.0)
-    ft = Finetuner(process, model, solver, LinearReward(a), (2,),
+    ft = Trainer(process, model, solver, LinearReward(a), (2,),
                    TrainConfig(iters=iters, batch_size=64, lr=3e-3, seed=seed))
     ft.train()
     traj = rollout(process, model, batch_size=256, sample_shape=(2,), generator=torch.Generator().manual_seed(seed + 50))

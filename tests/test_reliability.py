@@ -60,7 +60,9 @@ def _final_state(out: Path) -> dict[str, torch.Tensor]:
     of the saved LoRA file, by a flat key."""
     from safetensors.torch import load_file
 
-    ck = torch.load(out / "checkpoints" / f"ckpt-{ITERS:06d}.pt", map_location="cpu", weights_only=False)
+    from soctune.io import load_state
+
+    ck = load_state(out / "checkpoints" / f"ckpt-{ITERS:06d}.safetensors")
     flat = {f"trainable/{k}": v for k, v in ck["trainable"].items()}
     flat.update({f"solver/{k}": v for k, v in ck["solver"].items()})
     for pid, st in ck["optimizer"]["state"].items():
@@ -82,7 +84,7 @@ def _kill_resume_matches_uninterrupted(tmp_path: Path, solver: str) -> None:
     # writing the metrics line/checkpoint of it)
     proc = subprocess.Popen([*_soctune(), *args, "--out", str(run)], env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    target = run / "checkpoints" / "ckpt-000002.pt"
+    target = run / "checkpoints" / "ckpt-000002.safetensors"
     t0 = time.monotonic()
     while not target.exists() and proc.poll() is None and time.monotonic() - t0 < 600:
         time.sleep(0.02)
@@ -124,26 +126,26 @@ def test_checkpoint_holds_everything_for_exact_resume(tmp_path, solver):
     go equal 1 iteration, a checkpoint file, a freshly built run loading it, and 2 more — weights,
     the solver's state (∇-DB's flow head), its extra state (DDPO's stat tracker), Adam and the
     metrics history (bitwise in practice; asserted ≤ 1e-6)."""
-    from soctune.finetune import Finetuner
-    from soctune.io import atomic_torch_save
+    from soctune import Trainer
+    from soctune.io import load_state, save_state
     from soctune.run import build, train_config
 
     torch.set_num_threads(1)
     cfg = _cfg(iters=3) | {"reward": "digit:3", "solver": {"name": solver}}
 
-    def fresh() -> Finetuner:
+    def fresh() -> Trainer:
         torch.manual_seed(cfg["train"]["seed"])
         b = build(cfg)
-        return Finetuner(b.process, b.loaded.model, b.solver, b.reward, tuple(b.loaded.sample_shape),
+        return Trainer(b.process, b.loaded.model, b.solver, b.reward, tuple(b.loaded.sample_shape),
                          train_config(cfg))
 
     ref = fresh()
     ref.train()
     first = fresh()
     first.train_iteration()
-    atomic_torch_save(first.state_dict(), tmp_path / "ck.pt")
+    save_state(tmp_path / "ck.safetensors", first.state_dict())
     resumed = fresh()
-    resumed.load_state_dict(torch.load(tmp_path / "ck.pt", weights_only=False))
+    resumed.load_state_dict(load_state(tmp_path / "ck.safetensors"))
     resumed.train()
     a, b = ref.state_dict(), resumed.state_dict()
     if solver == "nabla-db":
@@ -185,13 +187,13 @@ def nan_switch():
 def test_nan_reward_skips_update_counts_and_logs(nan_switch):
     """NaN reward at iteration k = 1: that update is skipped (weights and Adam state unchanged),
     counted and reported; training goes on."""
-    from soctune.finetune import Finetuner
+    from soctune import Trainer
     from soctune.run import build, train_config
 
     torch.set_num_threads(1)
     cfg = _cfg(max_nonfinite=3)
     b = build(cfg)
-    ft = Finetuner(b.process, b.loaded.model, b.solver, b.reward, tuple(b.loaded.sample_shape), train_config(cfg))
+    ft = Trainer(b.process, b.loaded.model, b.solver, b.reward, tuple(b.loaded.sample_shape), train_config(cfg))
     m0 = ft.train_iteration()
     assert m0["updates"] == 1 and "skipped_nonfinite" not in m0
     before = {n: p.detach().clone() for n, p in ft._named_trainable()}
@@ -212,8 +214,9 @@ def test_nan_reward_skips_update_counts_and_logs(nan_switch):
 def test_nan_rewards_in_a_row_stop_with_checkpoint_and_message(tmp_path, nan_switch):
     """NaN from iteration 1 on with max_nonfinite = 2: the run stops in iteration 2 with a saved
     checkpoint and a message naming the reward scale and the learning rate."""
-    from soctune.finetune import NonFiniteError
-    from soctune.run import finetune_run
+    from soctune.trainer import NonFiniteError
+    from soctune.io import load_state
+    from soctune.run import finetune_config as finetune_run
 
     torch.set_num_threads(1)
     events: list[tuple[str, dict]] = []
@@ -228,28 +231,28 @@ def test_nan_rewards_in_a_row_stop_with_checkpoint_and_message(tmp_path, nan_swi
         finetune_run(_cfg(max_nonfinite=2), out, on_event=on_event)
     msg = str(ei.value)
     assert "\n" not in msg and "reward scale" in msg and "learning rate" in msg and "--resume" in msg
-    assert "ckpt-000002.pt" in msg
+    assert "ckpt-000002.safetensors" in msg
     assert [m["iteration"] for m in _metrics(out)] == [0, 1]  # iteration 1 skipped and logged, 2 stopped
     warnings = [p["message"] for k, p in events if k == "warning"]
     assert any("non-finite reward, update skipped" in w for w in warnings), warnings
-    ck = torch.load(out / "checkpoints" / "ckpt-000002.pt", weights_only=False)
+    ck = load_state(out / "checkpoints" / "ckpt-000002.safetensors")
     assert ck["step"] == 2 and ck["nonfinite"]["in_row"] == 2
 
 
 @needs_assets
 def test_truncated_checkpoint_is_reported_and_previous_used(tmp_path):
-    from soctune.run import finetune_run
+    from soctune.run import finetune_config as finetune_run
 
     torch.set_num_threads(1)
     out = tmp_path / "run"
     finetune_run(_cfg(iters=3) | {"reward": "digit:3"}, out)
-    newest = out / "checkpoints" / "ckpt-000003.pt"
+    newest = out / "checkpoints" / "ckpt-000003.safetensors"
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 2])
     events: list[tuple[str, dict]] = []
     finetune_run(_cfg(iters=4) | {"reward": "digit:3"}, out, resume=True, on_event=lambda k, p: events.append((k, p)))
     warnings = [p["message"] for k, p in events if k == "warning"]
-    assert any("ckpt-000003.pt is unreadable" in w for w in warnings), warnings
+    assert any("ckpt-000003.safetensors" in w and "corrupt or truncated" in w for w in warnings), warnings
     start = next(p for k, p in events if k == "start")
     assert start["resumed_from"] == 2
     assert [m["iteration"] for m in _metrics(out)] == [0, 1, 2, 3]
@@ -260,7 +263,9 @@ def test_disk_full_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     """ENOSPC while writing the 2nd checkpoint (after half of it reached the disk): one-line
     error, no file taken for a checkpoint, the previous one intact and the one a resume uses."""
     import soctune.io as sio
-    from soctune.run import RunDir, finetune_run
+    from soctune.io import load_state
+    from soctune.run import RunDir
+    from soctune.run import finetune_config as finetune_run
 
     torch.set_num_threads(1)
     real = sio._write_file
@@ -283,12 +288,12 @@ def test_disk_full_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(SoctuneError) as ei:
         finetune_run(_cfg(iters=4) | {"reward": "digit:3"}, out, on_event=on_event)
     msg = str(ei.value)
-    assert "\n" not in msg and "No space left on device" in msg and "ckpt-000002.pt" in msg
+    assert "\n" not in msg and "No space left on device" in msg and "ckpt-000002.safetensors" in msg
     assert isinstance(ei.value, OSError) and ei.value.errno == errno.ENOSPC
     files = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert files == ["ckpt-000001.pt"], files  # no temporary, no partial ckpt-000002
-    assert RunDir(out).checkpoints() == [out / "checkpoints" / "ckpt-000001.pt"]
-    ck = torch.load(out / "checkpoints" / "ckpt-000001.pt", weights_only=False)
+    assert files == ["ckpt-000001.safetensors"], files  # no temporary, no partial ckpt-000002
+    assert RunDir(out).checkpoints() == [out / "checkpoints" / "ckpt-000001.safetensors"]
+    ck = load_state(out / "checkpoints" / "ckpt-000001.safetensors")
     assert ck["step"] == 1
 
 
@@ -326,10 +331,78 @@ def test_cli_nan_reward_stops_with_one_line(tmp_path):
                                       "--max-nonfinite", "2", "--iters", "3"))
     assert isinstance(res.exception, SoctuneError), (res.output, res.exception)
     msg = str(res.exception)
-    assert "\n" not in msg and "non-finite reward" in msg and "ckpt-000001.pt" in msg
+    assert "\n" not in msg and "non-finite reward" in msg and "ckpt-000001.safetensors" in msg
 
 
 def _app():
     from soctune_cli.app import app
 
     return app
+
+
+# ------------------------------------------------------------------------------- placement and trackers
+@pytest.mark.parametrize("args, needle", [
+    (["--precision", "fp16", "--device", "cpu"], "--precision fp16 needs a GPU"),
+    (["--precision", "fp8"], "train.precision='fp8' is out of range; expected: fp32, bf16 or fp16"),
+    (["--device", "tpu"], "train.device='tpu' is out of range; expected: auto"),
+    (["--log", "mlflow"], "train.log='mlflow' is out of range; expected: experiment tracker: none, tensorboard or wandb"),
+    (["--grad-accum", "3"], "divisible by processes × grad_accum = 1 × 3"),
+])
+def test_placement_and_tracker_errors_are_one_line(tmp_path, args, needle):
+    res = runner.invoke(_app(), _tiny(tmp_path, *args))
+    assert isinstance(res.exception, SoctuneError), (res.output, res.exception)
+    msg = str(res.exception)
+    assert needle in msg and "\n" not in msg, msg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_one_line(tmp_path):
+    for device in ("cuda", "cuda:1"):
+        res = runner.invoke(_app(), _tiny(tmp_path, "--device", device))
+        assert isinstance(res.exception, SoctuneError), (res.output, res.exception)
+        msg = str(res.exception)
+        assert "no CUDA device is visible" in msg and "--device cpu" in msg and "\n" not in msg, msg
+
+
+class _Payload:
+    """Unpickling this runs ``open(marker, "w")`` — what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@needs_assets
+@pytest.mark.parametrize("name", ["ckpt-000003.pt", "ckpt-000003.safetensors"])
+def test_pickled_checkpoint_is_refused_unread(tmp_path, name):
+    """A checkpoint that carries a pickle — the pre-safetensors ``.pt`` format, or a pickle under
+    a checkpoint name — is never unpickled: a ``.pt`` is refused with one line (exit ≠ 0), a
+    pickle posing as ``.safetensors`` is reported and an older checkpoint is used."""
+    import pickle
+
+    from soctune.run import finetune_config
+
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    marker = tmp_path / "pwned"
+    cfg2 = _cfg(iters=2) | {"reward": "digit:3"}
+    finetune_config(cfg2, out)
+    (out / "checkpoints" / name).write_bytes(pickle.dumps(_Payload(marker)))
+    events: list[tuple[str, dict]] = []
+    if name.endswith(".pt"):
+        for old in (out / "checkpoints").glob("*.safetensors"):
+            old.unlink()
+        res = runner.invoke(_app(), ["finetune", "--config", str(out / "config.yaml"), "--out", str(out), "--resume",
+                                     "--quiet"])
+        assert isinstance(res.exception, SoctuneError), (res.output, res.exception)
+        msg = str(res.exception)
+        assert "ckpt-000003.pt is a pickled checkpoint" in msg and "never unpickles" in msg and "\n" not in msg, msg
+    else:
+        finetune_config(_cfg(iters=3) | {"reward": "digit:3"}, out, resume=True,
+                        on_event=lambda k, p: events.append((k, p)))
+        warnings = [p["message"] for k, p in events if k == "warning"]
+        assert any("ckpt-000003.safetensors" in w and "pickle" in w for w in warnings), warnings
+        assert next(p for k, p in events if k == "start")["resumed_from"] == 2
+    assert not marker.exists()

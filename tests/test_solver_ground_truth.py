@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from discrete_optimum import DiscreteOptimumPolicy, solve_coordinate
-from soctune.finetune import finetune
+from soctune import finetune
 from soctune.models.base import CorrectedDenoiser, Denoiser
 from soctune.models.gmm import (GaussianMixture, GaussianMixtureDenoiser, mixture_weights_by_nearest_mean,
                                 sliced_wasserstein, two_mode_mixture)

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from soctune.finetune import finetune
+from soctune import finetune
 from soctune.models.base import CorrectedDenoiser, ZeroDenoiser
 from soctune.sde import get_process
 from soctune.trajectory import rollout
@@ -76,6 +76,6 @@ def test_adjoint_matching_recovers_the_optimal_control() -> None:
     print(f"relative L2 error of the learned control: {rel_l2:.4f} "
           f"(RMS {(err / process.num_steps) ** 0.5:.4f}; zero control {(zero / process.num_steps) ** 0.5:.4f})")
     assert rel_l2 < 0.2, rel_l2
-    j = sum(h["soc_cost"] for h in ft.history[-20:]) / 20
+    j = sum(h["soc_cost"] for h in ft.metrics[-20:]) / 20
     # the 20-iteration mean of λr has sd ≈ 0.04 at batch 64
     assert j == pytest.approx(optimal_cost(process, target, LAM), abs=0.15)

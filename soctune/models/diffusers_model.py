@@ -170,7 +170,15 @@ class DiffusersDenoiser(Denoiser):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.network.parameters()).dtype
+        """dtype of the frozen weights (inputs are cast to it; trainable LoRA weights are float32
+        whatever the frozen ones are)."""
+        first = None
+        for p in self.network.parameters():
+            if not p.requires_grad:
+                return p.dtype
+            if first is None:
+                first = p
+        return first.dtype if first is not None else torch.float32
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         b = x.shape[0]
@@ -393,7 +401,7 @@ class LoadedModel:
         return c
 
     def cond_sampler(self, prompts: Sequence[str]) -> Callable[[int, torch.Generator], TextCond]:
-        """A ``cond_sampler(B, generator)`` for :class:`~soctune.finetune.Finetuner` drawing B
+        """A ``cond_sampler(B, generator)`` for :class:`~soctune.trainer.Trainer` drawing B
         prompts uniformly from ``prompts`` (encoded once, here)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:

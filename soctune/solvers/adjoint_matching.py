@@ -295,7 +295,7 @@ class AdjointMatching(Solver):
         n_rand = min(self.num_loss_steps - n_last, len(rest))
         picked: list[tuple[int, float]] = []
         if n_rand > 0:
-            idx = torch.randperm(len(rest), generator=generator)[:n_rand].tolist()
+            idx = torch.randperm(len(rest), generator=generator, device=generator.device)[:n_rand].tolist()
             picked = [(rest[i], len(rest) / n_rand) for i in sorted(idx)]
         return picked + [(k, 1.0) for k in last]
 

@@ -2,9 +2,13 @@
 
 A solver turns rollouts of the fine-tuned model into losses. It sees a process only through
 its step kernel (mean map, std), time grid and prior, and the reward only as r(x, cond) -> [B].
-Each training iteration the :class:`~soctune.finetune.Finetuner` asks the solver for one or
-more (loss, metrics) pairs via :meth:`Solver.iteration` and takes one optimiser step per
-loss (several for PPO-style inner epochs).
+Methods are losses, the trainer owns the update: each training iteration the
+:class:`~soctune.trainer.Trainer` asks the solver for loss parts via :meth:`Solver.iteration`
+and decides everything else — backward (scaled under fp16), gradient averaging over processes,
+accumulation over micro-batches, clipping and the optimiser step (one per closing part, so
+several for PPO-style inner epochs). A solver never touches an optimiser, so its loss can be
+unit-tested on its own and runs unchanged under any device, precision or process count.
+Every random draw takes ``ctx.generator`` and a ``device=`` matching it.
 """
 
 from __future__ import annotations

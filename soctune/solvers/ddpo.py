@@ -67,11 +67,13 @@ class PerConditionStatTracker:
             adv[idx] = (r[idx] - mu) / (sd + 1e-6)
         return adv.to(rewards.device)
 
-    def state(self) -> dict[Hashable, list[float]]:
-        return {k: list(v) for k, v in self.buffers.items()}
+    def state(self) -> list[tuple[Hashable, list[float]]]:
+        """[(condition key, buffered rewards)] — pairs, not a dict: keys may be any hashable
+        (None, tuples, prompts), and checkpoints store plain JSON, whose keys are strings."""
+        return [(k, list(v)) for k, v in self.buffers.items()]
 
-    def load_state(self, state: dict[Hashable, list[float]]) -> None:
-        self.buffers = {k: deque(v, maxlen=self.buffer_size) for k, v in state.items()}
+    def load_state(self, state: list[tuple[Hashable, list[float]]]) -> None:
+        self.buffers = {_hashable(k): deque(v, maxlen=self.buffer_size) for k, v in state}
 
 
 @register_solver("ddpo", "DDPO: PPO-clip policy gradient on per-step log-probs, per-condition advantages (reward-gradient free)")
@@ -142,11 +144,11 @@ class DDPOSolver(Solver):
         b = traj.batch_size
         n_train = max(1, math.ceil(self.step_fraction * len(steps)))
         for epoch in range(self.inner_epochs):
-            perm = torch.randperm(b, generator=ctx.generator).to(traj.xs.device)
+            perm = torch.randperm(b, generator=ctx.generator, device=ctx.generator.device).to(traj.xs.device)
             for mb in perm.chunk(self.minibatches):
                 if mb.numel() == 0:
                     continue
-                pick = torch.randperm(len(steps), generator=ctx.generator)[:n_train].sort().values
+                pick = torch.randperm(len(steps), generator=ctx.generator, device=ctx.generator.device)[:n_train].sort().values.cpu()
                 loss, metrics = self.ppo_loss(p, model, traj, [steps[int(i)] for i in pick], mb, adv, old_logp)
                 metrics.update(base_metrics, epoch=float(epoch))
                 yield LossOutput(loss, metrics)
@@ -187,7 +189,12 @@ class DDPOSolver(Solver):
         return {"stat_tracker": self.tracker.state()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.tracker.load_state(state.get("stat_tracker", {}))
+        self.tracker.load_state(state.get("stat_tracker", []))
+
+
+def _hashable(key: Any) -> Hashable:
+    """A condition key as stored (lists from JSON become tuples again)."""
+    return tuple(_hashable(k) for k in key) if isinstance(key, (list, tuple)) else key
 
 
 def _condition_keys(cond: Any, b: int) -> list[Hashable] | None:

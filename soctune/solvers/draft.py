@@ -155,7 +155,7 @@ class DraftSolver(Solver):
     def _refl(self, ctx: FinetuneContext, cond: Any) -> tuple[Tensor, list[_DiffStep], dict[str, float]]:
         p = ctx.process
         lo, hi = self.refl_range(p)
-        stop = int(torch.randint(lo, hi, (1,), generator=ctx.generator))
+        stop = int(torch.randint(lo, hi, (1,), generator=ctx.generator, device=ctx.generator.device))
         traj = rollout(p, ctx.model, batch_size=ctx.batch_size, sample_shape=ctx.sample_shape, cond=cond,
                        generator=ctx.generator, grad=GradSpec.last(1), stop_at=stop + 1, device=ctx.device)
         if traj.x0_final is None:
