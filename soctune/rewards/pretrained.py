@@ -1,4 +1,5 @@
-"""Rewards backed by pretrained scorers: ``aesthetic``, ``pickscore``, ``hpsv2``, ``imagereward``.
+"""Rewards backed by pretrained scorers: ``aesthetic``, ``pickscore``, ``clipscore``, ``hpsv2``,
+``imagereward``.
 
 Nothing is downloaded: each reward loads its weights from a local path (``name:PATH`` or
 ``path=...``) and, if an optional package or the weights are missing, fails with a one-line
@@ -9,6 +10,11 @@ normalisation) is done with torch ops on [B, C, H, W] images in [−1, 1] instea
 processors, so the reward gradient reaches the sampler. Text–image scorers read the prompts
 from the conditioning (``cond.prompts`` of :class:`~soctune.models.diffusers_model.TextCond`,
 or a plain list of strings).
+
+Devices and precision: each scorer moves its input to the device (and dtype) of its own
+parameters — so ``reward.to("cuda")`` is all it takes, whatever device the images come from —
+and returns the scores [B] on the input's device in float32 (float64 when both the images and
+the scorer — ``reward.double()`` — are float64, e.g. for finite-difference checks).
 """
 
 from __future__ import annotations
@@ -56,20 +62,52 @@ def _one_line(exc: BaseException) -> str:
 
 def preprocess(x: Tensor, size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> Tensor:
     """Differentiable CLIP-style preprocessing: [B, C, H, W] in [−1, 1] -> [B, 3, size, size]
-    normalised. Resizes the short side to ``size`` (bicubic, antialiased) and centre-crops,
-    as CLIP's processor does; grey images are repeated to RGB."""
+    normalised; grey images are repeated to RGB. As transformers' ``CLIPImageProcessor`` does:
+    the short side is resized to ``size`` and the long side to ``int(size · long / short)``
+    (truncated), bicubic, then a centre crop with offsets ``(n − size) // 2``. The resize is
+    torch's antialiased bicubic, PIL's kernel (a = −0.5) in both directions; it differs from the
+    processor's PIL resize by PIL's uint8 rounding between its two separable passes (≤ 1.04/255
+    per pixel, measured in tests/test_reward_adapters.py) and, on saturated or noisy images, by
+    PIL clipping the kernel's overshoot to [0, 255] there."""
     x = (as_image(x) + 1) / 2
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     h, w = x.shape[-2:]
-    s = size / min(h, w)
-    nh, nw = max(size, round(h * s)), max(size, round(w * s))
-    x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=nh < h or nw < w)
+    short, long = min(h, w), max(h, w)
+    new_long = int(size * long / short)
+    nh, nw = (new_long, size) if w <= h else (size, new_long)
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
     top, left = (nh - size) // 2, (nw - size) // 2
     x = x[..., top: top + size, left: left + size]
     m = torch.tensor(mean, dtype=x.dtype, device=x.device)[:, None, None]
     sd = torch.tensor(std, dtype=x.dtype, device=x.device)[:, None, None]
     return (x - m) / sd
+
+
+def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """(device, floating dtype) of a scorer's parameters: where its inputs must go."""
+    p = next(module.parameters())
+    return p.device, p.dtype
+
+
+def _score(score: Tensor, x: Tensor) -> Tensor:
+    """Scores [B] on x's device in float32 — float64 when both the images and the scorer are."""
+    both64 = score.dtype == torch.float64 and x.dtype == torch.float64
+    return score.to(device=x.device, dtype=torch.float64 if both64 else torch.float32)
+
+
+def _clip_normalisation(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(image_mean, image_std) from the folder's preprocessor_config.json, else OpenAI CLIP's."""
+    mean, std = CLIP_MEAN, CLIP_STD
+    pre = folder / "preprocessor_config.json"
+    if pre.is_file():
+        try:
+            cfg = json.loads(pre.read_text())
+        except ValueError:
+            raise SoctuneError(f"'{pre}' is not valid JSON") from None
+        mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
+    return tuple(map(float, mean)), tuple(map(float, std))
 
 
 def prompts_of(cond: Any, batch: int, reward: str) -> list[str]:
@@ -183,7 +221,13 @@ class AestheticReward(Reward):
             raise SoctuneError(f"reward 'aesthetic': cannot load CLIP from '{clip_dir}' ({_one_line(exc)}); it must "
                                "be a transformers CLIPModel folder") from None
         self.head = LinearStack(_load_state(head_file)).eval().requires_grad_(False)
+        width, takes = int(self.clip.config.projection_dim), self.head.linears[0].in_features
+        if takes != width:
+            raise SoctuneError(f"reward 'aesthetic': the head '{head_file.name}' takes {takes}-d embeddings but the "
+                               f"CLIP in '{clip_dir}' makes {width}-d ones; use the matching CLIP (ViT-L/14 for the "
+                               "LAION head)")
         self.size = int(self.clip.config.vision_config.image_size)
+        self.mean, self.std = _clip_normalisation(clip_dir)
 
     @classmethod
     def from_arg(cls, arg: str | None) -> "AestheticReward":
@@ -191,14 +235,67 @@ class AestheticReward(Reward):
         return cls(path=kv.get("path"), clip_path=kv.get("clip"), head_path=kv.get("head"))
 
     def forward(self, x: Tensor, cond: Any = None) -> Tensor:
-        e = _image_features(self.clip, preprocess(x, self.size))
+        dev, dtype = _placement(self.clip)
+        e = _image_features(self.clip, preprocess(x.to(dev), self.size, self.mean, self.std).to(dtype))
         e = e / e.norm(dim=-1, keepdim=True)
-        return self.head(e.float()).squeeze(-1)
+        head_dtype = self.head.linears[0].weight.dtype
+        return _score(self.head(e.to(head_dtype)).squeeze(-1), x)
+
+
+class _CLIPSimilarityReward(Reward):
+    """r(x, c) = s · cos(E_img(x), E_txt(c)) with a transformers CLIPModel loaded from a local
+    folder (plus its tokenizer); subclasses choose the scale s (:meth:`scale`). Images go through
+    :func:`preprocess` at the model's input size, normalised with the folder's
+    ``preprocessor_config.json`` (OpenAI CLIP's mean/std without one); prompts come from the
+    conditioning (:func:`prompts_of`), tokenized to at most 77 tokens."""
+
+    NAME = "clip"
+    WEIGHTS = "a transformers CLIPModel folder plus its CLIP tokenizer files"
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        super().__init__()
+        name = self.NAME
+        _require("transformers", "transformers", name, self.WEIGHTS)
+        from transformers import AutoTokenizer, CLIPModel
+
+        root = _require_path(path, name, self.WEIGHTS)
+        tok_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else root
+        try:
+            self.clip = CLIPModel.from_pretrained(str(root), local_files_only=True).eval().requires_grad_(False)
+            self.tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise SoctuneError(f"reward '{name}': cannot load '{root}' ({_one_line(exc)}); it must hold "
+                               f"{self.WEIGHTS}") from None
+        self.size = int(self.clip.config.vision_config.image_size)
+        self.mean, self.std = _clip_normalisation(root)
+        self.max_length = min(77, int(self.clip.config.text_config.max_position_embeddings))
+
+    @classmethod
+    def from_arg(cls, arg: str | None) -> "_CLIPSimilarityReward":
+        return cls(path=_parse_kv(arg, ("path",)).get("path"))
+
+    def scale(self) -> Tensor | float:
+        raise NotImplementedError
+
+    def cosine(self, x: Tensor, cond: Any = None) -> Tensor:
+        """cos(E_img(x), E_txt(c)) [B] in the scorer's dtype, on its device."""
+        prompts = prompts_of(cond, x.shape[0], self.NAME)
+        dev, dtype = _placement(self.clip)
+        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        img = _image_features(self.clip, preprocess(x.to(dev), self.size, self.mean, self.std).to(dtype))
+        txt = _text_features(self.clip, tok["input_ids"].to(dev), tok["attention_mask"].to(dev))
+        img = img / img.norm(dim=-1, keepdim=True)
+        txt = txt / txt.norm(dim=-1, keepdim=True)
+        return (img * txt).sum(-1)
+
+    def forward(self, x: Tensor, cond: Any = None) -> Tensor:
+        return _score(self.scale() * self.cosine(x, cond), x)
 
 
 @register_reward("pickscore",
                  "PickScore (CLIP-H fine-tuned on Pick-a-Pic) from a local folder; needs prompts; arg: PATH")
-class PickScoreReward(Reward):
+class PickScoreReward(_CLIPSimilarityReward):
     """r(x, c) = s · cos(E_img(x), E_txt(c)), s = exp(logit_scale) (PickScore_v1, ≈ 100·cosine).
 
     Args:
@@ -207,44 +304,35 @@ class PickScoreReward(Reward):
             sub-folder with them.
     """
 
+    NAME = "pickscore"
     WEIGHTS = "a transformers CLIPModel folder of yuvalkirstain/PickScore_v1 plus its CLIP tokenizer files"
 
-    def __init__(self, path: str | Path | None = None) -> None:
-        super().__init__()
-        _require("transformers", "transformers", "pickscore", self.WEIGHTS)
-        from transformers import AutoTokenizer, CLIPModel
+    def scale(self) -> Tensor:
+        return self.clip.logit_scale.exp()
 
-        root = _require_path(path, "pickscore", self.WEIGHTS)
-        tok_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else root
-        try:
-            self.clip = CLIPModel.from_pretrained(str(root), local_files_only=True).eval().requires_grad_(False)
-            self.tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-        except Exception as exc:  # noqa: BLE001
-            raise SoctuneError(f"reward 'pickscore': cannot load '{root}' ({_one_line(exc)}); it must hold "
-                               f"{self.WEIGHTS}") from None
-        self.size = int(self.clip.config.vision_config.image_size)
-        mean, std = CLIP_MEAN, CLIP_STD
-        pre = root / "preprocessor_config.json"
-        if pre.is_file():
-            cfg = json.loads(pre.read_text())
-            mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
-        self.mean, self.std = mean, std
 
-    @classmethod
-    def from_arg(cls, arg: str | None) -> "PickScoreReward":
-        return cls(path=_parse_kv(arg, ("path",)).get("path"))
+@register_reward("clipscore",
+                 "CLIP score 100·cos(image, prompt) from a local transformers CLIP folder; needs prompts; arg: PATH")
+class CLIPScoreReward(_CLIPSimilarityReward):
+    """r(x, c) = 100 · cos(E_img(x), E_txt(c)): the CLIP score of Hessel et al. (2021) with the
+    scale torchmetrics uses (w = 100 instead of the paper's 2.5, the usual "CLIP score ≈ 30"
+    numbers) and without the paper's clamp at 0, so the reward stays differentiable with a
+    non-zero gradient everywhere (clamp it yourself to compare with reported scores of
+    unrelated pairs). No ``maximum`` is declared: 100 bounds it but is far from reachable
+    (matching pairs score ≈ 20–35), so rejection sampling of the tilt would accept nothing.
 
-    def forward(self, x: Tensor, cond: Any = None) -> Tensor:
-        prompts = prompts_of(cond, x.shape[0], "pickscore")
-        dev = next(self.clip.parameters()).device
-        tok = self.tokenizer(prompts, padding="max_length", truncation=True,
-                             max_length=min(77, self.clip.config.text_config.max_position_embeddings),
-                             return_tensors="pt")
-        img = _image_features(self.clip, preprocess(x, self.size, self.mean, self.std).to(dev))
-        txt = _text_features(self.clip, tok["input_ids"].to(dev), tok["attention_mask"].to(dev))
-        img = img / img.norm(dim=-1, keepdim=True)
-        txt = txt / txt.norm(dim=-1, keepdim=True)
-        return (self.clip.logit_scale.exp() * (img * txt).sum(-1)).float()
+    Args:
+        path: a transformers CLIPModel folder (e.g. openai/clip-vit-large-patch14) with its
+            tokenizer files, or a ``tokenizer/`` sub-folder with them; its
+            ``preprocessor_config.json`` (if present) sets the image mean/std.
+    """
+
+    NAME = "clipscore"
+    WEIGHTS = "a transformers CLIPModel folder (e.g. openai/clip-vit-large-patch14) plus its CLIP tokenizer files"
+    SCALE = 100.0
+
+    def scale(self) -> float:
+        return self.SCALE
 
 
 @register_reward("hpsv2",
@@ -285,10 +373,10 @@ class HPSv2Reward(Reward):
 
     def forward(self, x: Tensor, cond: Any = None) -> Tensor:
         prompts = prompts_of(cond, x.shape[0], "hpsv2")
-        dev = next(self.model.parameters()).device
-        img = self.model.encode_image(preprocess(x, 224).to(dev), normalize=True)
+        dev, dtype = _placement(self.model)
+        img = self.model.encode_image(preprocess(x.to(dev), 224).to(dtype), normalize=True)
         txt = self.model.encode_text(self.tokenizer(prompts).to(dev), normalize=True)
-        return (img * txt).sum(-1).float()
+        return _score((img * txt).sum(-1), x)
 
 
 @register_reward("imagereward", "ImageReward (BLIP + MLP) from a local folder; needs prompts; arg: PATH")
@@ -323,15 +411,15 @@ class ImageRewardReward(Reward):
     def forward(self, x: Tensor, cond: Any = None) -> Tensor:
         prompts = prompts_of(cond, x.shape[0], "imagereward")
         m = self.model
-        dev = next(m.parameters()).device
+        dev, dtype = _placement(m)
         tok = m.blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
-        image_embeds = m.blip.visual_encoder(preprocess(x, 224).to(dev))
+        image_embeds = m.blip.visual_encoder(preprocess(x.to(dev), 224).to(dtype))
         atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=dev)
         out = m.blip.text_encoder(tok.input_ids.to(dev), attention_mask=tok.attention_mask.to(dev),
                                   encoder_hidden_states=image_embeds, encoder_attention_mask=atts, return_dict=True)
         score = m.mlp(out.last_hidden_state[:, 0, :]).squeeze(-1)
-        return ((score - m.mean) / m.std).float()
+        return _score((score - m.mean) / m.std, x)
 
 
-__all__ = ["AestheticReward", "CLIP_MEAN", "CLIP_STD", "HPSv2Reward", "ImageRewardReward", "LinearStack",
-           "PickScoreReward", "preprocess", "prompts_of"]
+__all__ = ["AestheticReward", "CLIPScoreReward", "CLIP_MEAN", "CLIP_STD", "HPSv2Reward", "ImageRewardReward",
+           "LinearStack", "PickScoreReward", "preprocess", "prompts_of"]
