@@ -22,7 +22,7 @@ PY
 export SOCTUNE_GPU_REPORT="$OUT/gpu.jsonl"
 rm -f "$SOCTUNE_GPU_REPORT"
 set +e
-python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+python -m pytest -q -p no:cacheprovider -m gpu tests/
 status=$?
 set -e
 python - "$SOCTUNE_GPU_REPORT" "$OUT/gpu_check.md" <<'PY'

@@ -32,6 +32,7 @@ class ListWhat(str, Enum):
     solvers = "solvers"
     rewards = "rewards"
     presets = "presets"
+    prompts = "prompts"
 
 
 _KIND = {ListWhat.processes: "process", ListWhat.solvers: "solver", ListWhat.rewards: "reward"}
@@ -58,6 +59,10 @@ def _rows(what: ListWhat) -> list[tuple[str, str]]:
         from soctune.config import list_presets
 
         return list(list_presets().items())
+    if what is ListWhat.prompts:
+        from soctune.prompts import shipped_prompt_sets
+
+        return list(shipped_prompt_sets().items())
     from soctune.rewards import list_rewards
 
     return list_rewards()
@@ -69,7 +74,7 @@ def _root() -> None:
 
 
 @app.command("list")
-def list_cmd(what: ListWhat = typer.Argument(None, help="processes, solvers, rewards or presets (default: all)")) -> None:
+def list_cmd(what: ListWhat = typer.Argument(None, help="processes, solvers, rewards, presets or prompts (default: all)")) -> None:
     """List the registered processes, solvers, rewards and the shipped presets with one-line descriptions."""
     for w in [what] if what is not None else list(ListWhat):
         table = Table(title=w.value, title_justify="left")
@@ -154,7 +159,7 @@ def finetune(
     process: str = typer.Option(None, "--process", "-p", help="generative process (soctune list processes); default fm-memoryless"),
     solver: str = typer.Option(None, "--solver", "-s", help="fine-tuning method (soctune list solvers); default adjoint-matching"),
     model: str = typer.Option(None, "--model", "-m", help="diffusers folder or hub id; default: the shipped digits model for the process"),
-    reward: str = typer.Option(None, "--reward", "-r", help="reward spec NAME[:ARG] (soctune list rewards); default digit:3"),
+    reward: str = typer.Option(None, "--reward", "-r", help="reward spec NAME[:ARG] or a weighted sum like \"aesthetic:PATH+0.5*hpsv2:PATH\" (soctune list rewards); default digit:3"),
     reward_scale: float = typer.Option(None, "--reward-scale", help="λ: target ∝ p_base·exp(λ·reward)"),
     iters: int = typer.Option(None, "--iters", help="training iterations"),
     num_steps: int = typer.Option(None, "--num-steps", help="sampling steps K of the process"),
@@ -172,6 +177,9 @@ def finetune(
     device: str = typer.Option(None, "--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps"),
     precision: str = typer.Option(None, "--precision", help="fp32, bf16 or fp16 (autocast; LoRA, optimiser and reward stay float32)"),
     log: str = typer.Option(None, "--log", help="experiment tracker: none, tensorboard or wandb (offline unless WANDB_MODE=online)"),
+    prompts: str = typer.Option(None, "--prompts", help="prompt set: a .txt (one per line) or .jsonl file, or a shipped set (soctune list prompts)"),
+    negative_prompt: str = typer.Option(None, "--negative-prompt", help="unconditional branch of classifier-free guidance"),
+    guidance_scale: float = typer.Option(None, "--guidance-scale", help="classifier-free guidance scale of the rollouts (1 = off)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the final summary path"),
 ) -> None:
     """Fine-tune a model on a reward. Writes config.yaml, metrics.jsonl, before/after sample
@@ -187,7 +195,8 @@ def finetune(
              "train.batch_size": batch_size, "train.lr": lr, "train.seed": seed,
              "train.checkpoint_every": checkpoint_every, "train.max_nonfinite": max_nonfinite,
              "train.grad_clip": grad_clip, "train.grad_accum": grad_accum, "train.device": device,
-             "train.precision": precision, "train.log": log}
+             "train.precision": precision, "train.log": log, "model.prompt_file": prompts,
+             "model.negative_prompt": negative_prompt, "model.guidance_scale": guidance_scale}
     cfg = cfgmod.resolve(config, flags, set_)
     summary = finetune_config(cfg, out, resume=resume, on_event=Reporter(quiet)).summary
     if not summary:  # a data-parallel process other than 0: process 0 reports
@@ -217,6 +226,8 @@ def sample(
     n: int = typer.Option(64, "--n", help="number of samples"),
     seed: int = typer.Option(0, "--seed"),
     prompt: list[str] = typer.Option([], "--prompt", help="prompt(s) for text-conditional models"),
+    prompts: str = typer.Option(None, "--prompts", help="a prompt set file (.txt/.jsonl) or shipped set, instead of --prompt"),
+    negative_prompt: str = typer.Option(None, "--negative-prompt", help="unconditional branch of classifier-free guidance"),
     guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="classifier-free guidance scale"),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps"),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (the network's weights and autocast)"),
@@ -228,12 +239,18 @@ def sample(
 
     if n < 1:
         raise SoctuneError(f"--n must be ≥ 1, got {n}")
+    if prompts and prompt:
+        raise SoctuneError("pass either --prompt or --prompts, not both")
+    if prompts:
+        from soctune.prompts import prompt_list
+
+        prompt = prompt_list(prompts)
     loras = [_parse_lora(s) for s in lora]
     model, process, num_steps = _run_defaults(loras, model, process, num_steps)
     if quiet or not console.is_terminal:
         path = sample_run(model=model, process=process, loras=loras, num_steps=num_steps, noise_scale=noise_scale,
                           n=n, seed=seed, out=out, prompts=prompt or None, guidance_scale=guidance_scale,
-                          device=device, precision=precision)
+                          device=device, precision=precision, negative_prompt=negative_prompt)
     else:
         from rich.progress import Progress
 
@@ -241,7 +258,7 @@ def sample(
             task = prog.add_task("sample", total=n)
             path = sample_run(model=model, process=process, loras=loras, num_steps=num_steps, noise_scale=noise_scale,
                               n=n, seed=seed, out=out, prompts=prompt or None, guidance_scale=guidance_scale,
-                              device=device, precision=precision, on_event=lambda k, p: prog.update(task, completed=p["done"]) if k == "batch" else None)
+                              device=device, precision=precision, negative_prompt=negative_prompt, on_event=lambda k, p: prog.update(task, completed=p["done"]) if k == "batch" else None)
     if not quiet:
         report = path / "summary.json"
         if report.exists():
@@ -313,6 +330,22 @@ def pretrain(
     paths = pretrain_all(out or ASSETS_DIR, seed=seed, steps=steps)
     for kind, p in paths.items():
         console.print(f"{kind}: {p}")
+
+
+@app.command("export")
+def export_cmd(
+    source: Path = typer.Argument(..., metavar="RUN_OR_LORA_DIR",
+                                  help="a finetune output folder (uses its lora/), a LoRA folder or its .safetensors file"),
+    fmt: str = typer.Option("kohya", "--format", "-f", help="kohya (sd-scripts / A1111), comfyui or diffusers"),
+    out: Path = typer.Option(..., "--out", "-o", help="the .safetensors file to write"),
+) -> None:
+    """Convert a run's diffusers-format LoRA for other tools: kohya (kohya-ss keys lora_unet_*.lora_down,
+    .lora_up, .alpha for UNet LoRAs; ComfyUI loads them for SD1.5/SDXL, A1111 for SD1.x), comfyui (the
+    kohya file for UNets, diffusers keys with α folded in for SD3/Flux) or diffusers."""
+    from soctune.models.export import export_lora
+
+    path = export_lora(source, fmt, out)
+    console.print(f"wrote {path}")
 
 
 def _thread_defaults(env: MutableMapping[str, str]) -> None:

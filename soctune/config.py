@@ -46,6 +46,14 @@ class ModelConfig:
     full_finetune: bool = _opt(False, "train all weights instead of LoRA")
     guidance_scale: float = _opt(1.0, "classifier-free guidance scale", lambda v: v >= 0)
     prompts: Optional[list] = _opt(None, "prompts / class labels to condition on", typ=list)
+    prompt_file: Optional[str] = _opt(None, "prompt set: a .txt (one per line) or .jsonl (\"prompt\" per line) file, "
+                                            "or a shipped set (soctune list prompts)", typ=str)
+    negative_prompt: Optional[str] = _opt(None, "the unconditional branch of classifier-free guidance (default: "
+                                                "the empty prompt)", typ=str)
+    gradient_checkpointing: str = _opt("auto", "recompute network blocks in backward: auto (on for latent models "
+                                               "— Stable Diffusion class —, off for small pixel models), true, false",
+                                       lambda v: v.lower() in ("auto", "true", "false"))
+    vae_tiling: bool = _opt(False, "decode large images in tiles (slicing per sample is always on)")
     frozen_dtype: str = _opt("auto", "dtype of the frozen base weights: auto = the training precision's (bf16/fp16 "
                                      "halve their memory; LoRA stays float32), or fp32 / bf16 / fp16",
                              lambda v: v in FROZEN_DTYPES)
@@ -90,6 +98,8 @@ class EvalConfig:
     n_samples: int = _opt(256, "samples for before/after metrics", lambda v: v >= 2)
     seed: int = _opt(1234, "seed of the evaluation samples")
     grid: int = _opt(64, "samples shown in each PNG grid", lambda v: v >= 1)
+    prompt_grids: int = _opt(8, "text models: before/after pictures for this many prompts of the set (prompts/NN.png)",
+                             lambda v: v >= 0)
 
 
 #: the closed sections, each a dataclass (types, defaults, checks and help in one place)

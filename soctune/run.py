@@ -83,9 +83,11 @@ def build(cfg: dict[str, Any], device: str | torch.device = "cpu") -> Built:
     pname = proc_cfg.pop("name")
     path = m["path"] or default_model_for(pname)
     dev = torch.device(device)
+    prompts = run_prompts(cfg)
     loaded = load_model(path, lora_rank=m["lora_rank"], lora_alpha=m["lora_alpha"], target_modules=m["target_modules"],
                         full_finetune=m["full_finetune"], guidance_scale=m["guidance_scale"], device=dev,
-                        dtype=frozen_dtype(cfg))
+                        dtype=frozen_dtype(cfg), gradient_checkpointing=gradient_checkpointing(cfg, path),
+                        vae_tiling=m["vae_tiling"], negative_prompt=m["negative_prompt"])
     num_steps = proc_cfg.pop("num_steps", cfgmod.defaults()["process"]["num_steps"])
     process = loaded.default_process(pname, num_steps=num_steps, **proc_cfg)
     sol_cfg = dict(cfg["solver"])
@@ -114,10 +116,34 @@ def build(cfg: dict[str, Any], device: str | torch.device = "cpu") -> Built:
         with torch.no_grad():
             return loaded.decode(x.to(dev)).cpu()
 
-    cond_sampler = loaded.cond_sampler(m["prompts"]) if m["prompts"] else None
+    cond_sampler = loaded.cond_sampler(prompts) if prompts else None
     if cond_sampler is None and getattr(loaded.denoiser, "needs_cond", False):
-        raise SoctuneError("this model is text/class-conditional; pass prompts with --set model.prompts='[\"a cat\"]'")
+        raise SoctuneError("this model is text/class-conditional; pass prompts with --prompts FILE (or --set "
+                           "model.prompts='[\"a cat\"]')")
+    loaded.release_text_encoders()  # the prompt set and the null prompt are encoded: free the accelerator
     return Built(cfg, loaded, process, solver, reward, features, images, target if digits_like else None, cond_sampler)
+
+
+def run_prompts(cfg: dict[str, Any]) -> list[str] | None:
+    """The run's prompts: ``model.prompt_file`` (a file or shipped set) or ``model.prompts``."""
+    from .prompts import prompt_list
+
+    m = cfg["model"]
+    if m["prompt_file"] and m["prompts"]:
+        raise SoctuneError("pass either model.prompts or model.prompt_file (--prompts), not both")
+    return prompt_list(m["prompt_file"]) if m["prompt_file"] else m["prompts"]
+
+
+def gradient_checkpointing(cfg: dict[str, Any], path: str) -> bool:
+    """``model.gradient_checkpointing``: auto = on for latent models (a ``vae/`` next to the
+    network: the Stable Diffusion class, where activations dominate memory), off for small
+    pixel models (the digits UNet), where it only costs time."""
+    v = str(cfg["model"]["gradient_checkpointing"]).lower()
+    if v != "auto":
+        return v == "true"
+    from .models.diffusers_model import resolve_model_path
+
+    return (resolve_model_path(path) / "vae" / "config.json").is_file()
 
 
 def _digit_target(spec: str) -> int | None:
@@ -132,17 +158,19 @@ def train_config(cfg: dict[str, Any]) -> TrainConfig:
 
 # ------------------------------------------------------------------------------- sampling
 def draw(b: Built, n: int, seed: int, base: bool, batch: int = 256, device: str | torch.device = "cpu",
-         autocast: Any = None) -> tuple[Tensor, Tensor, Any]:
+         autocast: Any = None, cond_sampler: Any = None) -> tuple[Tensor, Tensor, Any]:
     """n samples (states [n, *S], on the CPU) from the base or fine-tuned model with a fixed
     seed, their rewards [n] and the conditioning used. Sampled on ``device`` (the noise comes
-    from a generator there) under ``autocast`` (a context factory, e.g. the trainer's)."""
+    from a generator there) under ``autocast`` (a context factory, e.g. the trainer's);
+    ``cond_sampler`` overrides the run's (e.g. one prompt)."""
     dev = torch.device(device)
+    cond_sampler = cond_sampler or b.cond_sampler
     gen = torch.Generator(device=dev).manual_seed(seed)
     xs, rs, conds = [], [], []
     model = b.loaded.model
     for start in range(0, n, batch):
         m = min(batch, n - start)
-        cond = b.cond_sampler(m, gen) if b.cond_sampler is not None else None
+        cond = cond_sampler(m, gen) if cond_sampler is not None else None
         with (model.base() if base else nullcontext()), torch.no_grad():
             with (autocast() if autocast is not None else nullcontext()):
                 traj = rollout(b.process, model, batch_size=m, sample_shape=tuple(b.loaded.sample_shape), cond=cond,
@@ -158,18 +186,45 @@ def draw(b: Built, n: int, seed: int, base: bool, batch: int = 256, device: str 
 def evaluate_pair(b: Built, n: int, seed: int, device: str | torch.device = "cpu",
                   autocast: Any = None) -> tuple[dict[str, Any], Tensor, Tensor]:
     """Base vs fine-tuned on the same seeds. Returns (summary, base images, fine-tuned images)."""
-    xb, rb, _ = draw(b, n, seed, base=True, device=device, autocast=autocast)
-    xf, rf, _ = draw(b, n, seed, base=False, device=device, autocast=autocast)
+    xb, rb, conds = draw(b, n, seed, base=True, device=device, autocast=autocast)
+    xf, rf, _ = draw(b, n, seed, base=False, device=device, autocast=autocast)  # same seed: same prompts
     fb, ff = b.features(xb), b.features(xf)
     ib, i_f = b.images(xb), b.images(xf)
     before = evaluate_samples(xb, rb, fb, target_class=b.target_class, images=ib)
     after = evaluate_samples(xf, rf, ff, target_class=b.target_class, images=i_f)
     summary = compare(before, after, ff, fb)
+    prompts = [p for c in conds for p in (getattr(c, "prompts", None) or [])]
+    if len(prompts) == n:
+        summary["per_prompt"] = per_prompt_rewards(prompts, rb, rf)
     r_max = getattr(b.reward, "maximum", None)
     if r_max is not None:
         summary["target_fidelity"] = tilt_fidelity(ff, fb, rb, b.solver.reward_scale, float(r_max),
                                                    torch.Generator().manual_seed(seed + 1))
     return summary, ib, i_f
+
+
+def per_prompt_rewards(prompts: list[str], before: Tensor, after: Tensor) -> dict[str, dict[str, float]]:
+    """Reward statistics per prompt of paired samples (same seeds, so the same prompts):
+    prompt -> {n, before, after, before_std, after_std} (means and population stds)."""
+    out: dict[str, dict[str, float]] = {}
+    for prompt in dict.fromkeys(prompts):
+        idx = torch.tensor([i for i, q in enumerate(prompts) if q == prompt])
+        rb, ra = before[idx].double(), after[idx].double()
+        out[prompt] = {"n": int(idx.numel()), "before": float(rb.mean()), "after": float(ra.mean()),
+                       "before_std": float(rb.std(unbiased=False)), "after_std": float(ra.std(unbiased=False))}
+    return out
+
+
+def save_prompt_grids(b: Built, folder: Path, prompts: list[str], n: int, seed: int, device: Any,
+                      autocast: Any) -> None:
+    """One before/after picture per prompt (same seeds), ``folder/NN.png``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, prompt in enumerate(prompts):
+        one = b.loaded.cond_sampler([prompt])
+        xb, rb, _ = draw(b, n, seed, base=True, device=device, autocast=autocast, cond_sampler=one)
+        xf, rf, _ = draw(b, n, seed, base=False, device=device, autocast=autocast, cond_sampler=one)
+        save_side_by_side(b.images(xb), b.images(xf), folder / f"{i:02d}.png",
+                          (f"{prompt[:40]} — base {float(rb.mean()):.3f}", f"fine-tuned {float(rf.mean()):.3f}"))
 
 
 # ------------------------------------------------------------------------------- run folders
@@ -502,6 +557,11 @@ def _finish(run: FinetuneRun, cfg: dict[str, Any], resolved: dict[str, Any], rd:
     save_grid(img_f[:g], rd.root / "samples_after.png", title=f"fine-tuned  (reward {ra:.3f})")
     save_side_by_side(img_b[:g], img_f[:g], rd.root / "samples_compare.png",
                       (f"before: reward {rb:.3f}", f"after: reward {ra:.3f}"))
+    prompts = run_prompts(cfg)
+    if prompts and b.cond_sampler is not None and ev["prompt_grids"]:
+        # the first prompts of the set, each with its own grid (the encoders run on the CPU by now)
+        save_prompt_grids(b, rd.root / "prompts", prompts[:ev["prompt_grids"]], min(g, 8), ev["seed"],
+                          trainer.device, trainer.autocast)
     hist = _read_metrics(rd.metrics)
     plot_curve([h["iteration"] for h in hist], [h.get("reward_mean", float("nan")) for h in hist],
                rd.root / "reward.png", "reward (training batch)", band=[h.get("reward_std", 0.0) for h in hist],
@@ -549,7 +609,7 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
 def sample_run(*, model: str | None, process: str, loras: list[tuple[str, float]], num_steps: int,
                noise_scale: float | None, n: int, seed: int, out: str | Path, prompts: list[str] | None = None,
                guidance_scale: float = 1.0, device: str = "auto", precision: str = "fp32",
-               on_event: EventFn = _noop) -> Path:
+               negative_prompt: str | None = None, on_event: EventFn = _noop) -> Path:
     """Sample ``n`` states with optional LoRAs (each with a scale; several are mixed) and write
     ``samples.npz`` (key ``x``: float32 [N, C, H, W] images in [−1, 1]) and ``grid.png``.
     ``noise_scale=0`` solves the probability-flow ODE with torchdiffeq. Sampled on ``device``
@@ -560,7 +620,8 @@ def sample_run(*, model: str | None, process: str, loras: list[tuple[str, float]
     acc = make_accelerator(device, precision)
     dev = acc.device
     path = model or default_model_for(process)
-    loaded = load_model(path, lora_rank=0, guidance_scale=guidance_scale, device=dev, dtype=DTYPES[precision])
+    loaded = load_model(path, lora_rank=0, guidance_scale=guidance_scale, device=dev, dtype=DTYPES[precision],
+                        negative_prompt=negative_prompt)
     names = {}
     for i, (folder, scale) in enumerate(loras):
         if not Path(folder).exists():
@@ -574,6 +635,7 @@ def sample_run(*, model: str | None, process: str, loras: list[tuple[str, float]
     proc = loaded.default_process(process, num_steps=num_steps, **opts)
     gen = torch.Generator(device=dev).manual_seed(seed)
     cond_sampler = loaded.cond_sampler(prompts) if prompts else None
+    loaded.release_text_encoders()
     outs = []
     for start in range(0, n, 256):
         m = min(256, n - start)

@@ -352,7 +352,7 @@ class LoadedModel:
                                "pipeline folder with text_encoder/ and tokenizer/")
         name = type(pipe).__name__
         prompts = list(prompts)
-        dev = self.device
+        dev = self._text_device()  # where the encoders are (the CPU once released)
         try:
             with torch.no_grad():
                 if "StableDiffusion3" in name:
@@ -381,17 +381,40 @@ class LoadedModel:
         except Exception as exc:  # noqa: BLE001 — surface as one line
             raise SoctuneError(f"encoding prompts with {name} failed ({_one_line(exc)}); check the text encoder "
                                "and tokenizer folders") from None
-        dtype = self.denoiser.dtype
-        return TextCond(_map_tensors(out, lambda v: v.to(dtype) if v.is_floating_point() else v), prompts)
+        dtype, dev = self.denoiser.dtype, self.device
+        return TextCond(_map_tensors(out, lambda v: v.to(dev, dtype) if v.is_floating_point() else v.to(dev)),
+                        prompts)
+
+    def text_encoders(self) -> list[nn.Module]:
+        """The pipeline's text encoders (empty for models without text)."""
+        pipe = self.pipeline
+        return [e for c in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                if isinstance(e := getattr(pipe, c, None), nn.Module)] if pipe is not None else []
+
+    def release_text_encoders(self) -> None:
+        """Move the text encoders off the accelerator (to the CPU) once the prompt set's
+        embeddings are cached (:meth:`cond_sampler`, the null conditioning): they are used once,
+        and SD3's T5 alone holds ~9 GB in fp32. A later :meth:`encode_prompts` still works (on
+        the CPU, results moved to the device)."""
+        for enc in self.text_encoders():
+            enc.to("cpu")
+
+    def _text_device(self) -> torch.device:
+        encs = self.text_encoders()
+        return next(encs[0].parameters()).device if encs else self.device
 
     def _sdxl_time_ids(self, b: int) -> Tensor:
         h, w = self.sample_shape[1] * self._vae_scale(), self.sample_shape[2] * self._vae_scale()
         ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=self.denoiser.dtype, device=self.device)
         return ids.expand(b, -1)
 
-    def _null_cond(self) -> Any:
+    def _null_cond(self, negative_prompt: str = "") -> Any:
+        """The unconditional branch of classifier-free guidance: the negative prompt's embedding
+        (SDXL's zeros for the empty one, as its pipeline does)."""
         pipe = self.pipeline
-        c = self.encode_prompts([""])
+        c = self.encode_prompts([negative_prompt])
+        if negative_prompt:
+            return c
         if "XL" in type(pipe).__name__ and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
             # SDXL's negative is zeros (text and pooled), with the same size conditioning
             added = c["added_cond_kwargs"]
@@ -552,7 +575,9 @@ def _load_component(folder: Path, dtype: torch.dtype) -> nn.Module:
 def load_model(path_or_hub_id: str | Path, *, lora_rank: int = 8, lora_alpha: float | None = None,
                target_modules: Sequence[str] | None = None, full_finetune: bool = False,
                guidance_scale: float = 1.0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               resolution: int | None = None, max_sequence_length: int | None = None) -> LoadedModel:
+               resolution: int | None = None, max_sequence_length: int | None = None,
+               gradient_checkpointing: bool = False, vae_tiling: bool = False,
+               negative_prompt: str | None = None) -> LoadedModel:
     """Load a diffusers model as a soctune :class:`LoadedModel` with a trainable LoRA adapter.
 
     Args:
@@ -567,15 +592,51 @@ def load_model(path_or_hub_id: str | Path, *, lora_rank: int = 8, lora_alpha: fl
         dtype: network dtype (VAE is kept in float32 so decoded images and reward gradients are).
         resolution: image side in pixels (default the network's sample size).
         max_sequence_length: text length for SD3/Flux prompt encoding (default the pipeline's).
+        gradient_checkpointing: recompute the network's blocks in backward (diffusers'
+            ``enable_gradient_checkpointing``) in every forward that keeps a graph — DRaFT's last
+            steps, Adjoint Matching's loss steps and lean-adjoint VJPs, ∇-DB's transitions: less
+            activation memory for about one more forward per backward (benchmarks/RESULTS.md).
+        vae_tiling: decode large images in overlapping tiles (the VAE always decodes in
+            per-sample slices; tiling blends tile borders, so it is off unless asked for).
+        negative_prompt: the prompt whose embedding is the unconditional branch of
+            classifier-free guidance (default the empty prompt).
     """
     folder = resolve_model_path(path_or_hub_id)
-    dev = torch.device(device)
     with _quiet_loading():
         network, scheduler_config, vae, pipe, pipeline_class = _load_parts(folder, dtype)
-    return _assemble(path_or_hub_id, network, scheduler_config, vae, pipe, pipeline_class, dev,
+    return from_parts(network, scheduler_config, vae=vae, pipeline=pipe, pipeline_class=pipeline_class,
+                      source=str(path_or_hub_id), device=device, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                      target_modules=target_modules, full_finetune=full_finetune, guidance_scale=guidance_scale,
+                      resolution=resolution, max_sequence_length=max_sequence_length,
+                      gradient_checkpointing=gradient_checkpointing, vae_tiling=vae_tiling,
+                      negative_prompt=negative_prompt)
+
+
+def from_parts(network: nn.Module, scheduler_config: dict[str, Any], *, vae: nn.Module | None = None,
+               pipeline: Any = None, pipeline_class: str | None = None, source: str = "in-memory",
+               device: str | torch.device = "cpu", lora_rank: int = 8, lora_alpha: float | None = None,
+               target_modules: Sequence[str] | None = None, full_finetune: bool = False, guidance_scale: float = 1.0,
+               resolution: int | None = None, max_sequence_length: int | None = None,
+               gradient_checkpointing: bool = False, vae_tiling: bool = False,
+               negative_prompt: str | None = None) -> LoadedModel:
+    """A :class:`LoadedModel` from networks already built in Python (e.g. from a published config
+    with random weights, as benchmarks/scale.py does); :func:`load_model` ends here too. The
+    arguments are :func:`load_model`'s; ``scheduler_config`` needs its ``_class_name``."""
+    if gradient_checkpointing:
+        if not getattr(network, "_supports_gradient_checkpointing", False):
+            raise SoctuneError(f"{type(network).__name__} does not support gradient checkpointing; set "
+                               "model.gradient_checkpointing=false")
+        network.enable_gradient_checkpointing(_lora.checkpointing_function(network))
+    if vae is not None and hasattr(vae, "use_slicing"):
+        vae.use_slicing = True  # per-sample decode inside the reward: activation memory of one image
+    if vae is not None and vae_tiling:
+        if not hasattr(vae, "use_tiling"):
+            raise SoctuneError(f"{type(vae).__name__} cannot decode in tiles; set model.vae_tiling=false")
+        vae.use_tiling = True
+    return _assemble(source, network, scheduler_config, vae, pipeline, pipeline_class, torch.device(device),
                      lora_rank=lora_rank, lora_alpha=lora_alpha, target_modules=target_modules,
                      full_finetune=full_finetune, guidance_scale=guidance_scale, resolution=resolution,
-                     max_sequence_length=max_sequence_length)
+                     max_sequence_length=max_sequence_length, negative_prompt=negative_prompt)
 
 
 def _load_parts(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, dict[str, Any], Any, Any, str | None]:
@@ -643,7 +704,8 @@ def _quiet_loading() -> Iterator[None]:
 def _assemble(source: Any, network: nn.Module, scheduler_config: dict[str, Any], vae: Any, pipe: Any,
               pipeline_class: str | None, dev: torch.device, *, lora_rank: int, lora_alpha: float | None,
               target_modules: Sequence[str] | None, full_finetune: bool, guidance_scale: float,
-              resolution: int | None, max_sequence_length: int | None) -> LoadedModel:
+              resolution: int | None, max_sequence_length: int | None,
+              negative_prompt: str | None = None) -> LoadedModel:
     """Freeze and place the parts, add the adapter (or full fine-tuning), wire text + CFG."""
     network.requires_grad_(False).to(dev)
     if vae is not None:
@@ -676,7 +738,7 @@ def _assemble(source: Any, network: nn.Module, scheduler_config: dict[str, Any],
         has_text_cfg = has_text
     if has_text:
         try:
-            denoiser.null_cond = loaded._null_cond()
+            denoiser.null_cond = loaded._null_cond(negative_prompt or "")
         except SoctuneError:
             # a pipeline whose prompt encoding soctune does not know: the model still loads, and
             # callers pass conditioning tensors themselves (no automatic CFG then)
@@ -703,4 +765,4 @@ def _sample_shape(network: nn.Module, vae: nn.Module | None, resolution: int | N
 
 
 __all__ = ["ALIASES", "DecodedReward", "DiffusersDenoiser", "GuidedDiffusersDenoiser", "LoadedModel", "TextCond",
-           "load_model", "resolve_model_path", "scheduler_kind"]
+           "from_parts", "load_model", "resolve_model_path", "scheduler_kind"]

@@ -19,9 +19,9 @@ from __future__ import annotations
 import inspect
 import json
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from torch import nn
 
@@ -219,22 +219,71 @@ def adapters_disabled(model: Any) -> Iterator[None]:
     Uses peft's per-layer switch (no copy); requires_grad flags are restored on exit because
     peft's switch also toggles them."""
     network = _network_of(model)
-    layers = _tuner_layers(network)
-    if not layers or getattr(network, "_soctune_disabled", False):
+    if not _tuner_layers(network) or getattr(network, "_soctune_disabled", False):
         yield
         return
-    network._soctune_disabled = True  # type: ignore[attr-defined]
+    with _adapters_switched(network, enabled=False):
+        yield
+
+
+@contextmanager
+def _adapters_switched(network: nn.Module, enabled: bool) -> Iterator[None]:
+    """Every adapter layer switched on/off for the context, then back. requires_grad flags are
+    restored on exit because peft's switch also toggles them."""
+    layers = _tuner_layers(network)
     flags = [(p, p.requires_grad) for n, p in network.named_parameters() if ".lora_" in n]
     for m in layers:
-        m.enable_adapters(False)
+        m.enable_adapters(enabled)
+    network._soctune_disabled = not enabled  # type: ignore[attr-defined]
     try:
         yield
     finally:
         for m in layers:
-            m.enable_adapters(True)
+            m.enable_adapters(not enabled)
         for p, f in flags:
             p.requires_grad_(f)
-        network._soctune_disabled = False  # type: ignore[attr-defined]
+        network._soctune_disabled = enabled  # type: ignore[attr-defined]
+
+
+def checkpointing_function(network: nn.Module) -> Callable[..., Any]:
+    """A ``gradient_checkpointing_func`` for diffusers' ``enable_gradient_checkpointing`` that
+    recomputes each block in the adapter state of its forward.
+
+    Solvers evaluate the base (``with model.base():``, adapters off) and may backpropagate after
+    leaving that context (the lean adjoint's VJPs, ∇-DB's reverse scores); plain checkpointing
+    would recompute those blocks with the adapters on and fail torch's metadata check (or, with
+    matching shapes, give a wrong gradient)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(module: nn.Module, *args: Any) -> Any:
+        disabled = bool(getattr(network, "_soctune_disabled", False))
+
+        def context_fn() -> tuple[Any, Any]:
+            return nullcontext(), _AdapterState(network, disabled)
+
+        return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=context_fn)
+
+    return run
+
+
+class _AdapterState:
+    """Re-enterable context: the network's adapters in a given on/off state (a graph kept with
+    ``retain_graph`` may be recomputed more than once with the same context)."""
+
+    def __init__(self, network: nn.Module, disabled: bool) -> None:
+        self.network, self.disabled = network, disabled
+        self._stack: list[Any] = []
+
+    def __enter__(self) -> None:
+        now = bool(getattr(self.network, "_soctune_disabled", False))
+        ctx: Any = nullcontext()
+        if now != self.disabled:
+            ctx = _adapters_switched(self.network, enabled=not self.disabled)
+        ctx.__enter__()
+        self._stack.append(ctx)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.pop().__exit__(*exc)
 
 
 # ------------------------------------------------------------------------------- file format

@@ -202,6 +202,9 @@ def _condition_keys(cond: Any, b: int) -> list[Hashable] | None:
     (then advantages are normalised over the batch)."""
     if cond is None:
         return None
+    prompts = getattr(cond, "prompts", None)  # text conditioning: the prompt is the key (DDPO's per-prompt stats)
+    if isinstance(prompts, (list, tuple)) and len(prompts) == b:
+        return list(prompts)
     if isinstance(cond, Tensor):
         if cond.dim() == 0 or cond.shape[0] != b:
             return None
