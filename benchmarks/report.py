@@ -262,8 +262,10 @@ def scale_section(rows: list[dict[str, Any]]) -> list[str]:
              "(precision, checkpointing); times are medians after a warm-up; *ratio* = iteration / no-grad rollout of "
              "the same batch and K. Memory: on CUDA `torch.cuda.max_memory_allocated`; on the CPU the peak resident "
              "set during an iteration (total, weights included) and its increase over the memory after the warm-up. "
-             "bf16 = autocast with the frozen weights stored in bf16 (LoRA, Adam, reward in float32); ckpt = network "
-             "gradient checkpointing (`model.gradient_checkpointing`).", ""]
+             "bf16 = autocast with the frozen weights stored in bf16 (LoRA, Adam, reward in float32); ckpt = gradient "
+             "checkpointing of the network and of the VAE decoder inside the reward (`model.gradient_checkpointing`). "
+             "Wall times of rows from different processes differ by up to ~25 % on this shared 2-core machine; the "
+             "ratio is measured inside one process and is the robust figure.", ""]
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[(r["arch"], r.get("sd3_layers"), r["device_name"], r["latent"], r["batch"])].append(r)

@@ -1,7 +1,9 @@
 """One command for the whole benchmark suite: quality (2-D mixture + digits), iteration cost and
-peak memory; then benchmarks/RESULTS.md and the PNG plots.
+peak memory, the OpenMP settings on a shared machine, fp32 vs bf16, the SD1.5-scale networks;
+then benchmarks/RESULTS.md and the PNG plots.
 
-    python benchmarks/run_all.py            # full: ≈ 40 min on 2 cores at one thread
+    python benchmarks/run_all.py            # full: ≈ 1.5 h on 2 cores at one thread (scale ≈ 40 min)
+    python benchmarks/run_all.py --only scale report   # one stage, then the report
     python benchmarks/run_all.py --quick    # smoke version: ≈ 5 min, tiny budgets, one seed
     python benchmarks/run_all.py --only report     # re-render RESULTS.md from results/*.jsonl
 
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("gmm", "digits", "time", "memory", "threads", "precision", "report")
+STAGES = ("gmm", "digits", "time", "memory", "threads", "precision", "scale", "report")
 
 
 def plan(quick: bool) -> dict[str, list[str]]:
@@ -36,6 +38,8 @@ def plan(quick: bool) -> dict[str, list[str]]:
             "threads": ["threads.py", "--iters", "1", "--repeats", "3", "--settings", "cli-default", "active",
                         "--timeout", "120"],
             "precision": ["precision.py", "--iters", "1", "--problems", "digits-am"],
+            "scale": ["scale.py", "--latent", "8", "--steps", "4", "--methods", "DRaFT-1", "--precisions", "fp32",
+                      "--ckpt-modes", "on", "--k-list", "--repeats", "1"],
         }
     return {
         "gmm": ["quality.py", "--problem", "gmm", "--seeds", "0", "1", "2", "--iters", "50", "--batch", "64",
@@ -46,14 +50,18 @@ def plan(quick: bool) -> dict[str, list[str]]:
         "memory": ["cost.py", "--mode", "memory-all", "--batch", "16", "--k-list", "10", "25", "50", "100"],
         # every OpenMP setting idle and next to a busy neighbour, 2 iterations each (≈ 5–10 min:
         # spinning settings with a busy neighbour are the slow part, capped by --timeout)
-        "threads": ["threads.py", "--iters", "2", "--repeats", "5", "--timeout", "200"],
+        "threads": ["threads.py", "--iters", "4", "--repeats", "5", "--timeout", "150", "--settings", "cli-default",
+                    "runtime-default", "active", "passive", "threads-1", "spin-1e3", "spin-1e4"],
         "precision": ["precision.py", "--iters", "3"],
+        # SD1.5's real networks (random weights) at 16×16 latents: ≈ 40 min on 2 cores
+        "scale": ["scale.py", "--arch", "sd15", "--latent", "16", "--batch", "1", "--steps", "10", "--k-list", "10",
+                  "50", "--k-latent", "8", "--repeats", "1"],
     }
 
 
 RESULT_FILES = {"gmm": ["quality_gmm.jsonl"], "digits": ["quality_digits.jsonl"], "time": ["cost_time.jsonl"],
                 "memory": ["cost_memory.jsonl"], "threads": ["threads.jsonl"],
-                "precision": ["precision.jsonl"]}
+                "precision": ["precision.jsonl"], "scale": ["scale.jsonl"]}
 
 
 def main() -> None:

@@ -11,6 +11,9 @@ and next to a busy neighbour (one process spinning ``while True: pass``), under 
     active           OMP_WAIT_POLICY=ACTIVE (workers always spin)
     passive          OMP_WAIT_POLICY=PASSIVE (workers sleep)
     threads-1        OMP_NUM_THREADS=1 (no worker threads)
+    spin-1e3 / -1e4 / -1e5   GOMP_SPINCOUNT=N: libgomp's workers spin N iterations, then sleep
+                     (libgomp's default is 300 000; PASSIVE is 0)
+    passive+spin-1e3 both
 
 Seconds per iteration are read from the run's metrics.jsonl ("time" of each iteration); the median
 of the iterations after the first (which includes warm-up), or the first when only one ran. A run
@@ -53,6 +56,10 @@ SETTINGS: dict[str, dict[str, str]] = {
     "active": {"OMP_WAIT_POLICY": "ACTIVE"},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "threads-1": {"OMP_NUM_THREADS": "1"},
+    "spin-1e3": {"GOMP_SPINCOUNT": "1000"},
+    "passive+spin-1e3": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"},
+    "spin-1e4": {"GOMP_SPINCOUNT": "10000"},
+    "spin-1e5": {"GOMP_SPINCOUNT": "100000"},
 }
 STRIP = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "KMP_BLOCKTIME")
 

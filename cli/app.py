@@ -349,17 +349,19 @@ def export_cmd(
 
 
 def _thread_defaults(env: MutableMapping[str, str]) -> None:
-    """OpenMP defaults for a machine shared with other jobs, set before torch is imported (the
-    OpenMP runtime reads them once, when torch loads it); a value the user set wins.
+    """OpenMP default for a machine shared with other jobs, set before torch is imported (the
+    OpenMP runtime reads it once, when torch loads it); a setting of the user's wins.
 
-    OMP_WAIT_POLICY=PASSIVE: torch's OpenMP workers otherwise spin-wait between parallel
-    regions, and on a small machine with one busy neighbour a digits iteration of
-    ``soctune finetune --process ddpm --solver nabla-db`` took 120–160 s instead of ≈ 4 s; passive
-    workers sleep instead (≈ 6.5 s there). The thread count stays torch's own choice (all
-    physical cores), so an idle machine still uses every core. benchmarks/threads.py measures
-    the settings side by side (benchmarks/RESULTS.md, "Shared machine")."""
-    if "OMP_WAIT_POLICY" not in env:
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    GOMP_SPINCOUNT=1000: between parallel regions, libgomp's workers (the OpenMP runtime of
+    torch's Linux wheels) spin for 300 000 iterations by default before they sleep. Next to one
+    busy process on a small machine that spinning fights the neighbour for the cores and a
+    digits iteration became two orders of magnitude slower; OMP_WAIT_POLICY=PASSIVE (no spin)
+    cures that but slows an idle machine down, and OMP_NUM_THREADS=1 gives up the other cores.
+    A short spin keeps most of both (benchmarks/threads.py measures every option idle and with
+    a busy neighbour: benchmarks/RESULTS.md, "Shared machine"). Nothing is set when the user set
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT; their OMP_NUM_THREADS is never touched."""
+    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
+        env["GOMP_SPINCOUNT"] = "1000"
 
 
 def main() -> None:

@@ -50,8 +50,9 @@ class ModelConfig:
                                             "or a shipped set (soctune list prompts)", typ=str)
     negative_prompt: Optional[str] = _opt(None, "the unconditional branch of classifier-free guidance (default: "
                                                 "the empty prompt)", typ=str)
-    gradient_checkpointing: str = _opt("auto", "recompute network blocks in backward: auto (on for latent models "
-                                               "— Stable Diffusion class —, off for small pixel models), true, false",
+    gradient_checkpointing: str = _opt("auto", "recompute network (and VAE decoder) blocks in backward: auto (on for "
+                                               "latent models — Stable Diffusion class —, off for small pixel models), "
+                                               "true, false",
                                        lambda v: v.lower() in ("auto", "true", "false"))
     vae_tiling: bool = _opt(False, "decode large images in tiles (slicing per sample is always on)")
     frozen_dtype: str = _opt("auto", "dtype of the frozen base weights: auto = the training precision's (bf16/fp16 "

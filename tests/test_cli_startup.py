@@ -1,5 +1,5 @@
 """`soctune --help` and `soctune list` answer without importing torch (≈ 0.2–0.3 s instead of
-≈ 1.5–3 s), and the CLI's OpenMP default (OMP_WAIT_POLICY=PASSIVE unless the user set it)."""
+≈ 1.5–3 s), and the CLI's OpenMP default (GOMP_SPINCOUNT=1000 unless the user set a wait policy)."""
 
 import json
 import os
@@ -15,7 +15,7 @@ from soctune.registry import _scan_registrations, list_builtin
 
 def _run(script: str, env: dict[str, str] | None = None) -> dict:
     """Run ``script`` in a fresh interpreter; it prints one JSON line last."""
-    base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
                           timeout=120, env={**base, **(env or {})})
     assert proc.returncode == 0, proc.stderr
@@ -116,8 +116,12 @@ def test_scanner_reads_docstrings_and_refuses_non_literals():
     assert _scan_registrations('register_reward("x")(f)\n', "x.py", ("register_reward",)) is None
 
 
-@pytest.mark.parametrize("user, expected", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE")])
-def test_main_sets_passive_wait_policy_unless_the_user_did(user, expected):
+@pytest.mark.parametrize("user, expected", [
+    ({}, {"policy": None, "spin": "1000"}),
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, {"policy": "ACTIVE", "spin": None}),
+    ({"GOMP_SPINCOUNT": "5"}, {"policy": None, "spin": "5"}),
+])
+def test_main_sets_a_short_spin_unless_the_user_chose(user, expected):
     out = _run("""
         import contextlib, io, json, os, sys
         from soctune_cli.app import main
@@ -127,6 +131,7 @@ def test_main_sets_passive_wait_policy_unless_the_user_did(user, expected):
                 main()
             except SystemExit:
                 pass
-        print(json.dumps({"policy": os.environ.get("OMP_WAIT_POLICY"), "threads": os.environ.get("OMP_NUM_THREADS")}))
+        print(json.dumps({"policy": os.environ.get("OMP_WAIT_POLICY"), "spin": os.environ.get("GOMP_SPINCOUNT"),
+                          "threads": os.environ.get("OMP_NUM_THREADS")}))
     """, env={**user, "OMP_NUM_THREADS": "1"})
-    assert out == {"policy": expected, "threads": "1"}
+    assert out == {**expected, "threads": "1"}

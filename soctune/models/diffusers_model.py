@@ -592,10 +592,11 @@ def load_model(path_or_hub_id: str | Path, *, lora_rank: int = 8, lora_alpha: fl
         dtype: network dtype (VAE is kept in float32 so decoded images and reward gradients are).
         resolution: image side in pixels (default the network's sample size).
         max_sequence_length: text length for SD3/Flux prompt encoding (default the pipeline's).
-        gradient_checkpointing: recompute the network's blocks in backward (diffusers'
-            ``enable_gradient_checkpointing``) in every forward that keeps a graph — DRaFT's last
-            steps, Adjoint Matching's loss steps and lean-adjoint VJPs, ∇-DB's transitions: less
-            activation memory for about one more forward per backward (benchmarks/RESULTS.md).
+        gradient_checkpointing: recompute the network's blocks (and the VAE decoder's, inside
+            the reward's gradient) in backward (diffusers' ``enable_gradient_checkpointing``) in
+            every forward that keeps a graph — DRaFT's last steps, Adjoint Matching's loss steps
+            and lean-adjoint VJPs, ∇-DB's transitions: less activation memory for about one more
+            forward per backward (benchmarks/RESULTS.md, "Scale").
         vae_tiling: decode large images in overlapping tiles (the VAE always decodes in
             per-sample slices; tiling blends tile borders, so it is off unless asked for).
         negative_prompt: the prompt whose embedding is the unconditional branch of
@@ -627,6 +628,10 @@ def from_parts(network: nn.Module, scheduler_config: dict[str, Any], *, vae: nn.
             raise SoctuneError(f"{type(network).__name__} does not support gradient checkpointing; set "
                                "model.gradient_checkpointing=false")
         network.enable_gradient_checkpointing(_lora.checkpointing_function(network))
+        if vae is not None and getattr(vae, "_supports_gradient_checkpointing", False):
+            # the decode inside the reward's gradient: its full-resolution activations are the
+            # largest tensors of an iteration at 256 px and up (benchmarks/scale.py)
+            vae.enable_gradient_checkpointing()
     if vae is not None and hasattr(vae, "use_slicing"):
         vae.use_slicing = True  # per-sample decode inside the reward: activation memory of one image
     if vae is not None and vae_tiling:
