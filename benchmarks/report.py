@@ -268,10 +268,11 @@ def scale_section(rows: list[dict[str, Any]]) -> list[str]:
              "ratio is measured inside one process and is the robust figure.", ""]
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        groups[(r["arch"], r.get("sd3_layers"), r["device_name"], r["latent"], r["batch"])].append(r)
-    for (arch, layers, dev, latent, batch), rs in groups.items():
+        groups[(r["arch"], r.get("sd3_layers"), r["device_name"], r.get("threads"), r["latent"], r["batch"])].append(r)
+    for (arch, layers, dev, threads, latent, batch), rs in groups.items():
         name = "SD1.5" if arch == "sd15" else f"SD3-style MMDiT ({layers} of 24 blocks)"
-        lines += [f"### {name} on {dev}: {latent}×{latent} latents ({latent * 8} px), batch {batch}", "",
+        where = f"{dev}, {threads} thread{'s' if threads != 1 else ''}" if "CPU" in str(dev) else dev
+        lines += [f"### {name} on {where}: {latent}×{latent} latents ({latent * 8} px), batch {batch}", "",
                   "| method | K | precision | ckpt | rollout s | iteration s | ratio | images/s | peak total MB | "
                   "peak extra MB |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(rs, key=lambda r: (r["steps"], r["method"], r["precision"], r["ckpt"])):
