@@ -171,7 +171,6 @@ def run_one(args: argparse.Namespace) -> None:
                "network_weights_mb": weights_mb, "threads": torch.get_num_threads()}
         print(json.dumps(row), flush=True)
         rows.append(row)
-        del trainer
     OUT.parent.mkdir(parents=True, exist_ok=True)
     with open(OUT, "a") as f:
         for r in rows:
