@@ -11,10 +11,10 @@ import json
 import os
 import re
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from .registry import SoctuneError
 from .rewards import get_reward
 from .sde.base import Process
 from .solvers import Solver, get_solver
-from .trainer import NonFiniteError, Trainer, make_accelerator
+from .trainer import Float32Reward, NonFiniteError, Trainer, make_accelerator
 from .trajectory import RewardFn, rollout
 
 EventFn = Callable[[str, dict[str, Any]], None]
@@ -166,6 +166,7 @@ def draw(b: Built, n: int, seed: int, base: bool, batch: int = 256, device: str 
     dev = torch.device(device)
     cond_sampler = cond_sampler or b.cond_sampler
     gen = torch.Generator(device=dev).manual_seed(seed)
+    reward = Float32Reward(b.reward, dev.type)
     xs, rs, conds = [], [], []
     model = b.loaded.model
     for start in range(0, n, batch):
@@ -176,8 +177,7 @@ def draw(b: Built, n: int, seed: int, base: bool, batch: int = 256, device: str 
                 traj = rollout(b.process, model, batch_size=m, sample_shape=tuple(b.loaded.sample_shape), cond=cond,
                                generator=gen, device=dev)
             x = traj.x_final.float()
-            with torch.autocast(device_type=dev.type, enabled=False):
-                rs.append(b.reward(x, cond).float().cpu())
+            rs.append(reward(x, cond).cpu())
             xs.append(x.cpu())
         conds.append(cond)
     return torch.cat(xs), torch.cat(rs), conds
@@ -425,18 +425,13 @@ def _finetune_objects(model: Denoiser, process: Process | str | None, solver: So
     proc = get_process(process, **(process_options or {})) if isinstance(process, str) else process
     solv = get_solver(solver, **(solver_options or {})) if isinstance(solver, str) else solver
     tc.validate()
-    rd = RunDir(out) if out is not None else None
-    if tc.log != "none" and rd is None:
-        raise SoctuneError(f"log={tc.log} writes under the output folder; pass out=")
-    acc = make_accelerator(tc.device, tc.precision, tc.log, project_dir=out)
-    if acc.is_main_process and rd is not None:
-        _prepare_out(rd, resume)
-    torch.manual_seed(tc.seed)
-    trainer = Trainer(proc, model, solv, reward, tuple(sample_shape), tc, cond_sampler=cond_sampler, accelerator=acc)
-    run = FinetuneRun(trainer, None if rd is None else rd.root)
-    tracker_cfg = {"process": getattr(proc, "registered_name", type(proc).__name__),
-                   "solver": getattr(solv, "registered_name", type(solv).__name__), **_flat("train", vars(tc))}
-    _train_loop(trainer, rd, resume, on_event if acc.is_main_process else _noop, callback, tracker_cfg)
+    with _job(tc, out, resume) as (acc, rd):
+        trainer = Trainer(proc, model, solv, reward, tuple(sample_shape), tc, cond_sampler=cond_sampler,
+                          accelerator=acc)
+        run = FinetuneRun(trainer, None if rd is None else rd.root)
+        tracker_cfg = {"process": getattr(proc, "registered_name", type(proc).__name__),
+                       "solver": getattr(solv, "registered_name", type(solv).__name__), **_flat("train", vars(tc))}
+        _train_loop(trainer, rd, resume, on_event if acc.is_main_process else _noop, callback, tracker_cfg)
     return run
 
 
@@ -453,15 +448,8 @@ def finetune_config(cfg: dict[str, Any], out: str | Path | None = None, resume: 
     """
     cfg = cfgmod.validate(cfg)
     tc = train_config(cfg)
-    rd = RunDir(out) if out is not None else None
-    if tc.log != "none" and rd is None:
-        raise SoctuneError(f"train.log={tc.log} writes under the output folder; pass out= (--out)")
-    acc = make_accelerator(tc.device, tc.precision, tc.log, project_dir=out)
-    main = acc.is_main_process
-    try:
-        if main and rd is not None:
-            _prepare_out(rd, resume)
-        torch.manual_seed(tc.seed)
+    with _job(tc, out, resume) as (acc, rd):
+        main = acc.is_main_process
         b = build(cfg, acc.device)
         resolved = dict(cfg, model=dict(cfg["model"], path=cfg["model"]["path"] or
                                         default_model_for(cfg["process"]["name"])))
@@ -475,11 +463,27 @@ def finetune_config(cfg: dict[str, Any], out: str | Path | None = None, resume: 
         train_time = _train_loop(trainer, rd, resume, on_event if main else _noop, callback, tracker_cfg)
         if main and rd is not None:
             run.summary = _finish(run, cfg, resolved, rd, train_time, on_event)
+    return run
+
+
+@contextmanager
+def _job(tc: TrainConfig, out: str | Path | None, resume: bool) -> Iterator[tuple[Any, RunDir | None]]:
+    """The accelerator and output folder of one run (both entry points): a tracker needs a
+    folder; process 0 creates it (refusing to overwrite a run); the seed is set; at the end the
+    process group is left — after a barrier, or without one on an error (peers may be gone)."""
+    rd = RunDir(out) if out is not None else None
+    if tc.log != "none" and rd is None:
+        raise SoctuneError(f"train.log={tc.log} writes under the output folder; pass out= (--out)")
+    acc = make_accelerator(tc.device, tc.precision, tc.log, project_dir=out)
+    try:
+        if acc.is_main_process and rd is not None:
+            _prepare_out(rd, resume)
+        torch.manual_seed(tc.seed)
+        yield acc, rd
     except BaseException:
-        _leave(acc, wait=False)  # the others may be gone: no barrier
+        _leave(acc, wait=False)
         raise
     _leave(acc)
-    return run
 
 
 def _prepare_out(rd: RunDir, resume: bool) -> None:
