@@ -304,9 +304,12 @@ def save_state(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, data)
 
 
-def _one_line_reason(exc: BaseException) -> str:
+def one_line_reason(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line for a :class:`SoctuneError` message: its text with every run of
+    whitespace (newlines included) collapsed to one space, cut to ``limit`` characters, or the
+    exception's class name when it has no text."""
     text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:200]
+    return text[:limit]
 
 
 def _corrupt(path: Path, why: str) -> UnsafeOrCorruptStateError:
@@ -349,7 +352,7 @@ def _decode_state(node: Any, tensors: dict[str, Tensor], path: Path) -> Any:
             dtype = np.dtype(str(node["dtype"]))
             shape = tuple(int(s) for s in node["shape"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise _corrupt(path, f"bad numpy entry in the skeleton: {_one_line_reason(exc)}") from None
+            raise _corrupt(path, f"bad numpy entry in the skeleton: {one_line_reason(exc)}") from None
         if dtype.kind not in _NP_KINDS or dtype.hasobject or dtype.fields is not None or any(s < 0 for s in shape):
             raise _corrupt(path, f"numpy dtype {dtype} is not plain data")
         raw = t.numpy().tobytes() if t.numel() else b""
@@ -382,14 +385,14 @@ def load_state(path: str | Path) -> dict[str, Any]:
                 f"cannot load {path}: refused: it holds a pickle, which can execute code when loaded; "
                 "soctune never unpickles run files (start a fresh run, or point to a checkpoint "
                 "written by this version)") from None
-        raise _corrupt(path, _one_line_reason(exc)) from None
+        raise _corrupt(path, one_line_reason(exc)) from None
     if _STATE_META_KEY not in meta:
         raise UnsafeOrCorruptStateError(
             f"cannot load {path}: it is a safetensors file but not a soctune state (no '{_STATE_META_KEY}' metadata)")
     try:
         skeleton = json.loads(meta[_STATE_META_KEY])
     except (ValueError, RecursionError) as exc:
-        raise _corrupt(path, f"bad skeleton JSON: {_one_line_reason(exc)}") from None
+        raise _corrupt(path, f"bad skeleton JSON: {one_line_reason(exc)}") from None
     if not isinstance(skeleton, dict) or skeleton.get("format") != _STATE_FORMAT:
         fmt = skeleton.get("format") if isinstance(skeleton, dict) else None
         raise _corrupt(path, f"unknown state format {fmt!r}, expected {_STATE_FORMAT}")

@@ -6,7 +6,9 @@ and the benchmarks alike.
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
@@ -127,3 +129,33 @@ def target_fidelity(samples: Tensor, reference: Tensor, n_boot: int = 20, n_proj
         ir = torch.randint(reference.shape[0], (reference.shape[0],), generator=gen)
         vals.append(sliced_wasserstein(samples[ia], reference[ir], n_proj, gen))
     return dist, float(torch.tensor(vals, dtype=torch.float64).std(unbiased=True))
+
+
+def tilt_is_target(solver_name: str, solver_options: Mapping[str, Any], process: Any) -> bool:
+    """Whether a run's solver samples p* ∝ p_base·e^{λr}, the tilt that "distance to the exact tilt"
+    measures against (else that distance is a reference, not the method's target).
+
+    True only when all hold:
+      * the solver declares ``wants_memoryless`` (it claims the tilt on memoryless processes:
+        adjoint-matching, nabla-db, db; DRaFT and DDPO maximise the reward and never do);
+      * its prior strength η is 1 (η ≠ 1 targets p_base^η·e^{λr});
+      * it is not db's ``dag-db`` variant (fixed noising P_B: targets e^{λr} alone);
+      * the process is memoryless (``process.memoryless``: X_0 independent of X_1; otherwise the
+        initial-value bias moves the optimum away from the tilt).
+
+    Args:
+        solver_name: the registered solver name (or plug-in path) of the run's config.
+        solver_options: the run's solver options (missing ones take the class's defaults).
+        process: the run's :class:`~soctune.sde.base.Process` (anything with ``memoryless``).
+    """
+    from .solvers.base import SOLVERS, _load_builtin  # lazy: the metrics stay importable alone
+
+    _load_builtin()
+    cls = SOLVERS.get(solver_name)
+    if not getattr(cls, "wants_memoryless", False):
+        return False
+    defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+    options = {**defaults, **dict(solver_options)}
+    if float(options.get("prior_strength", 1.0)) != 1.0 or options.get("variant") == "dag-db":
+        return False
+    return bool(process.memoryless)

@@ -9,35 +9,64 @@ ground truth for every process and solver test.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..registry import SoctuneError
 from .base import Denoiser
 
 
 @dataclass
 class GaussianMixture:
-    """weights [M] (sum 1), means [M, D], covs [M, D, D]; float64 for exact references."""
+    """p(x) = Σ_m w_m N(x; μ_m, Σ_m): weights [M] (normalised to sum 1), means [M, D] and
+    per-component covariances covs [M, D, D] (symmetric positive definite), stored in float64
+    for exact references. :meth:`isotropic` and :meth:`diagonal` build the covariances from
+    variances; bad shapes, negative weights or a covariance that is not SPD raise a one-line
+    :class:`SoctuneError` naming the component."""
 
     weights: Tensor
     means: Tensor
     covs: Tensor
 
     def __post_init__(self) -> None:
-        self.weights = torch.as_tensor(self.weights, dtype=torch.float64)
-        self.weights = self.weights / self.weights.sum()
-        self.means = torch.as_tensor(self.means, dtype=torch.float64)
-        self.covs = torch.as_tensor(self.covs, dtype=torch.float64)
+        w = torch.as_tensor(self.weights, dtype=torch.float64)
+        mu = torch.as_tensor(self.means, dtype=torch.float64)
+        cov = torch.as_tensor(self.covs, dtype=torch.float64)
+        if mu.ndim != 2:
+            raise SoctuneError(f"GaussianMixture: means must be [M, D], got shape {tuple(mu.shape)}")
+        m, d = mu.shape
+        if w.shape != (m,):
+            raise SoctuneError(f"GaussianMixture: weights must be [M] = [{m}] (one per mean), got shape {tuple(w.shape)}")
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.sum()) > 0:
+            raise SoctuneError(f"GaussianMixture: weights must be finite, ≥ 0 and not all 0, got {w.tolist()}")
+        if cov.shape != (m, d, d):
+            raise SoctuneError(f"GaussianMixture: covs must be [M, D, D] = [{m}, {d}, {d}], got shape "
+                               f"{tuple(cov.shape)}; for variances use GaussianMixture.isotropic or .diagonal")
+        self.weights, self.means, self.covs = w / w.sum(), mu, _check_spd(cov)
 
     @classmethod
-    def isotropic(cls, weights: Any, means: Any, var: float) -> "GaussianMixture":
+    def isotropic(cls, weights: Any, means: Any, var: Any) -> "GaussianMixture":
+        """Σ_m = var_m·I from one variance (a number) or one per component ([M])."""
         means = torch.as_tensor(means, dtype=torch.float64)
         m, d = means.shape
-        return cls(torch.as_tensor(weights, dtype=torch.float64), means, var * torch.eye(d, dtype=torch.float64).expand(m, d, d).clone())
+        v = torch.as_tensor(var, dtype=torch.float64).reshape(-1)
+        if v.numel() not in (1, m):
+            raise SoctuneError(f"GaussianMixture.isotropic: var must be a number or one per component [{m}], "
+                               f"got {v.numel()} values")
+        return cls(weights, means, v.expand(m)[:, None, None] * torch.eye(d, dtype=torch.float64))
+
+    @classmethod
+    def diagonal(cls, weights: Any, means: Any, variances: Any) -> "GaussianMixture":
+        """Σ_m = diag(variances_m) from per-component, per-axis variances [M, D]."""
+        means = torch.as_tensor(means, dtype=torch.float64)
+        v = torch.as_tensor(variances, dtype=torch.float64)
+        if v.shape != means.shape:
+            raise SoctuneError(f"GaussianMixture.diagonal: variances must be [M, D] = {list(means.shape)}, "
+                               f"got shape {tuple(v.shape)}")
+        return cls(weights, means, torch.diag_embed(v))
 
     @property
     def dim(self) -> int:
@@ -110,6 +139,25 @@ class GaussianMixture:
         return float(torch.logsumexp(self.weights.log() + lam * self.means @ a + 0.5 * lam**2 * (sa @ a), 0))
 
 
+def _check_spd(covs: Tensor) -> Tensor:
+    """covs [M, D, D] symmetrised, or a one-line error naming the first component that is not
+    symmetric (beyond rounding) or not positive definite (its Cholesky factorisation fails)."""
+    asym = (covs - covs.transpose(-1, -2)).abs().amax(dim=(-1, -2))
+    scale = covs.abs().amax(dim=(-1, -2)).clamp(min=1e-300)
+    for i in range(covs.shape[0]):
+        if not bool(torch.isfinite(covs[i]).all()) or float(asym[i]) > 1e-6 * float(scale[i]):
+            raise SoctuneError(f"GaussianMixture: covariance of component {i} is not a finite symmetric matrix: "
+                               f"{covs[i].tolist()}")
+    sym = 0.5 * (covs + covs.transpose(-1, -2))
+    _, info = torch.linalg.cholesky_ex(sym)
+    bad = torch.nonzero(info).flatten()
+    if bad.numel():
+        i = int(bad[0])
+        raise SoctuneError(f"GaussianMixture: covariance of component {i} is not positive definite "
+                           f"(eigenvalues {torch.linalg.eigvalsh(sym[i]).tolist()})")
+    return sym
+
+
 class GaussianMixtureDenoiser(Denoiser):
     """The exact model of a Gaussian-mixture data distribution on a process's schedule.
 
@@ -125,22 +173,36 @@ class GaussianMixtureDenoiser(Denoiser):
         self.prediction_type = prediction_type
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        t0 = float(t.reshape(-1)[0])
-        tt = torch.tensor(t0, dtype=torch.float64)
-        a, b = float(self.schedule.alpha(tt)), float(self.schedule.beta(tt))
+        """x [B, D], t [B] (or one time for the batch) -> prediction [B, D]: each row at its own
+        time (rows are grouped by distinct times, one posterior-mean evaluation per group)."""
+        b = x.shape[0]
+        tt = torch.as_tensor(t).detach().to(torch.float64).reshape(-1).cpu()
+        if tt.numel() == 1:
+            tt = tt.expand(b)
+        elif tt.numel() != b:
+            raise SoctuneError(f"GaussianMixtureDenoiser: t must hold one time or one per row [{b}], got {tt.numel()}")
         x64 = x.to(torch.float64)
+        times = torch.unique(tt)
+        if times.numel() == 1:
+            return self._predict(x64, times[0]).to(x.dtype)
+        out = torch.empty_like(x64)
+        for tv in times:
+            rows = (tt == tv).to(x.device)
+            out = out.index_put((rows,), self._predict(x64[rows], tv))  # out of place: keeps the graph to x
+        return out.to(x.dtype)
+
+    def _predict(self, x64: Tensor, tt: Tensor) -> Tensor:
+        """The prediction [n, D] (float64) at one time tt (a 0-d float64 tensor) from E[x₁ | x_t]."""
+        a, b = float(self.schedule.alpha(tt)), float(self.schedule.beta(tt))
         x1 = self.gmm.posterior_mean(x64, a, b)
         if self.prediction_type == "sample":
-            out = x1
-        else:
-            eps = (x64 - a * x1) / b
-            if self.prediction_type == "epsilon":
-                out = eps
-            elif self.prediction_type == "v_prediction":
-                out = a * eps - b * x1
-            else:  # velocity
-                out = float(self.schedule.d_alpha(tt)) * x1 + float(self.schedule.d_beta(tt)) * eps
-        return out.to(x.dtype)
+            return x1
+        eps = (x64 - a * x1) / b
+        if self.prediction_type == "epsilon":
+            return eps
+        if self.prediction_type == "v_prediction":
+            return a * eps - b * x1
+        return float(self.schedule.d_alpha(tt)) * x1 + float(self.schedule.d_beta(tt)) * eps  # velocity
 
 
 def two_mode_mixture() -> GaussianMixture:
@@ -152,13 +214,3 @@ def mixture_weights_by_nearest_mean(x: Tensor, gmm: GaussianMixture) -> Tensor:
     """Share of samples [n, D] assigned (max responsibility) to each component: [M]."""
     comp = gmm.responsibilities(x).argmax(-1)
     return torch.bincount(comp, minlength=len(gmm.weights)).double() / x.shape[0]
-
-
-def sliced_wasserstein(x: Tensor, y: Tensor, n_proj: int = 256, generator: torch.Generator | None = None) -> float:
-    """Sliced 2-Wasserstein distance between equal-size samples [n, D]."""
-    d = x.shape[1]
-    theta = torch.randn(d, n_proj, generator=generator, dtype=torch.float64)
-    theta = theta / theta.norm(dim=0, keepdim=True)
-    px = (x.double() @ theta).sort(0).values
-    py = (y.double() @ theta).sort(0).values
-    return math.sqrt(float(((px - py) ** 2).mean()))

@@ -8,6 +8,7 @@ a function r(x, cond) or a class. Weighted sums (DRaFT's reward mixing):
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from typing import Any, Callable, Sequence
@@ -44,58 +45,131 @@ def _floats(arg: str, what: str) -> list[float]:
         raise SoctuneError(f"{what} expects comma-separated numbers, got '{arg}'") from None
 
 
-@register_reward("linear", "r(x) = aᵀx on flat x; arg: a as comma-separated numbers (default 1,0,…)")
+@register_reward("linear", "r(x) = aᵀx on flat x; arg: a as comma-separated numbers, one per state entry "
+                           "(default: the first entry, r(x) = x₁)")
 class LinearReward(Reward):
-    """r(x) = aᵀ flat(x). Tilting a Gaussian mixture by exp(λr) has a closed form."""
+    """r(x) = aᵀ flat(x) for x [B, *S] -> [B]. Tilting a Gaussian mixture by exp(λr) has a closed form.
 
-    def __init__(self, a: Any = (1.0,)) -> None:
+    Args:
+        a: the D = prod(S) weights (any shape, flattened), or ``None`` for r(x) = x₁ (the first
+            entry of flat x, whatever D is). A vector of another length than D is refused at the
+            first call: padding or cropping it would silently score a different reward.
+    """
+
+    def __init__(self, a: Any = None) -> None:
         super().__init__()
-        self.register_buffer("a", torch.as_tensor(a, dtype=torch.float32).flatten())
+        self.register_buffer("a", None if a is None else torch.as_tensor(a, dtype=torch.float32).flatten())
 
     @classmethod
     def from_arg(cls, arg: str | None) -> "LinearReward":
-        return cls(_floats(arg, "linear") if arg else (1.0,))
+        return cls(_floats(arg, "linear") if arg else None)
 
     def forward(self, x: Tensor, cond: Any = None) -> Tensor:
         flat = x.reshape(x.shape[0], -1).float()
-        a = self.a if self.a.numel() == flat.shape[1] else torch.nn.functional.pad(self.a, (0, flat.shape[1] - self.a.numel()))
-        return flat @ a
+        if self.a is None:
+            return flat[:, 0]
+        _check_length(self.a, x, "linear", "a", "none for r(x) = x₁")
+        return flat @ self.a
 
 
-@register_reward("quadratic", "r(x) = −½‖x − c‖²·scale on flat x; arg: c as comma-separated numbers")
+@register_reward("quadratic", "r(x) = −½‖x − c‖²·scale on flat x; arg: c as comma-separated numbers, one per "
+                              "state entry (default: the origin)")
 class QuadraticReward(Reward):
-    """r(x) = −½ (x − c)ᵀ A (x − c) with A = scale·I (or a given PSD matrix)."""
+    """r(x) = −½ (x − c)ᵀ A (x − c) on flat x [B, D] -> [B], with A = scale·I (or a given PSD
+    matrix [D, D]).
+
+    Args:
+        c: the centre, D numbers, or ``None`` for the origin of any D.
+        A: a PSD matrix [D, D], or ``None`` for scale·I.
+        scale: the curvature when ``A`` is not given.
+    A ``c`` or ``A`` whose size is not the state's D is refused at the first call (no broadcasting).
+    """
 
     maximum = 0.0
 
-    def __init__(self, c: Any = (0.0,), A: Any = None, scale: float = 1.0) -> None:
+    def __init__(self, c: Any = None, A: Any = None, scale: float = 1.0) -> None:
         super().__init__()
-        c_t = torch.as_tensor(c, dtype=torch.float32).flatten()
-        self.register_buffer("c", c_t)
-        A_t = scale * torch.eye(c_t.numel()) if A is None else torch.as_tensor(A, dtype=torch.float32)
-        self.register_buffer("A", A_t)
+        self.register_buffer("c", None if c is None else torch.as_tensor(c, dtype=torch.float32).flatten())
+        self.register_buffer("A", None if A is None else torch.as_tensor(A, dtype=torch.float32))
+        self.scale = float(scale)
 
     @classmethod
     def from_arg(cls, arg: str | None) -> "QuadraticReward":
-        return cls(_floats(arg, "quadratic") if arg else (0.0,))
+        return cls(_floats(arg, "quadratic") if arg else None)
 
     def forward(self, x: Tensor, cond: Any = None) -> Tensor:
-        d = x.reshape(x.shape[0], -1).float() - self.c
+        d = x.reshape(x.shape[0], -1).float()
+        if self.c is not None:
+            _check_length(self.c, x, "quadratic", "c", "none for the origin")
+            d = d - self.c
+        if self.A is None:
+            return -0.5 * self.scale * d.pow(2).sum(1)
+        _check_length(self.A, x, "quadratic", "A", "none for scale·I", square=True)
         return -0.5 * torch.einsum("bi,ij,bj->b", d, self.A, d)
 
 
+def _check_length(v: Tensor, x: Tensor, reward: str, name: str, alternative: str, square: bool = False) -> None:
+    """One-line error unless ``v`` has one entry per number of a sample of x [B, *S] (shape
+    [D, D] for a square matrix): padding, cropping or broadcasting it would silently score
+    another reward."""
+    d = math.prod(x.shape[1:])
+    if (tuple(v.shape) == (d, d)) if square else (v.numel() == d):
+        return
+    got = f"shape {tuple(v.shape)}" if square else f"{v.numel()} entr{'y' if v.numel() == 1 else 'ies'}"
+    want = f"a [{d}, {d}] matrix" if square else f"exactly {d} numbers"
+    raise SoctuneError(f"{reward} reward: {name} has {got} but each sample has {d} numbers "
+                       f"(shape {tuple(x.shape[1:])}); give {want}" + (f", or {alternative}" if alternative else ""))
+
+
 class FunctionReward(Reward):
-    """Wraps a plain function r(x, cond) -> [B] (plug-ins)."""
+    """Wraps a plain function r(x [B,*S], cond) -> [B] or r(x) -> [B] (plug-ins).
+
+    Whether ``fn`` takes ``cond`` is read once from its signature (a second positional
+    parameter, ``*args``, or a keyword parameter named ``cond``), never by catching a
+    ``TypeError``: one raised inside ``fn`` is the user's bug and propagates unchanged.
+    """
 
     def __init__(self, fn: Callable[..., Tensor]) -> None:
         super().__init__()
         self.fn = fn
+        self.cond_arg = _cond_argument(fn)
 
     def forward(self, x: Tensor, cond: Any = None) -> Tensor:
-        try:
+        if self.cond_arg == "positional":
             return self.fn(x, cond)
-        except TypeError:
-            return self.fn(x)
+        if self.cond_arg == "keyword":
+            return self.fn(x, cond=cond)
+        return self.fn(x)
+
+
+def _cond_argument(fn: Callable[..., Tensor]) -> str:
+    """How ``fn`` receives the conditioning: ``"positional"`` (r(x, cond) or r(*args)),
+    ``"keyword"`` (r(x, *, cond)) or ``"none"`` (r(x)); a one-line error for any other signature."""
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    # an nn.Module's __call__ is (*args, **kwargs): what it accepts is its forward's signature
+    target = fn.forward if isinstance(fn, nn.Module) else fn
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):
+        raise SoctuneError(f"cannot read the signature of reward function {name}; wrap it in a Python "
+                           "function r(x, cond=None) -> [B]") from None
+    P = inspect.Parameter
+    params = list(sig.parameters.values())
+    positional = [p for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in params if p.default is P.empty and p.kind not in (P.VAR_POSITIONAL, P.VAR_KEYWORD)]
+    if any(p.kind == P.VAR_POSITIONAL for p in params) or len(positional) >= 2:
+        mode = "positional"
+    elif any(p.kind == P.KEYWORD_ONLY and p.name == "cond" for p in params):
+        mode = "keyword"
+    else:
+        mode = "none"
+    # the parameters we fill: x, and cond where the signature takes it
+    filled = {p.name for p in positional[: 2 if mode == "positional" else 1]} | ({"cond"} if mode == "keyword" else set())
+    missing = [p.name for p in required if p.name not in filled]
+    if (not positional and not any(p.kind == P.VAR_POSITIONAL for p in params)) or missing:
+        raise SoctuneError(f"reward function {name}{sig} must take the samples x [B, *S] and optionally the "
+                           "conditioning: r(x) or r(x, cond) -> [B]")
+    return mode
 
 
 def get_reward(spec: str | Callable[..., Tensor], **options: Any) -> Reward:

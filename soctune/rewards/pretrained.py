@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..io import one_line_reason
 from ..registry import SoctuneError
 from .base import Reward, register_reward
 from .image import as_image
@@ -53,11 +54,6 @@ def _require_path(path: str | Path | None, reward: str, weights: str) -> Path:
     if not p.exists():
         raise SoctuneError(f"reward '{reward}': weights path '{p}' does not exist; it must hold {weights}")
     return p
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def preprocess(x: Tensor, size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> Tensor:
@@ -218,7 +214,7 @@ class AestheticReward(Reward):
         try:
             self.clip = CLIPModel.from_pretrained(str(clip_dir), local_files_only=True).eval().requires_grad_(False)
         except Exception as exc:  # noqa: BLE001
-            raise SoctuneError(f"reward 'aesthetic': cannot load CLIP from '{clip_dir}' ({_one_line(exc)}); it must "
+            raise SoctuneError(f"reward 'aesthetic': cannot load CLIP from '{clip_dir}' ({one_line_reason(exc)}); it must "
                                "be a transformers CLIPModel folder") from None
         self.head = LinearStack(_load_state(head_file)).eval().requires_grad_(False)
         width, takes = int(self.clip.config.projection_dim), self.head.linears[0].in_features
@@ -264,7 +260,7 @@ class _CLIPSimilarityReward(Reward):
             self.clip = CLIPModel.from_pretrained(str(root), local_files_only=True).eval().requires_grad_(False)
             self.tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
         except Exception as exc:  # noqa: BLE001
-            raise SoctuneError(f"reward '{name}': cannot load '{root}' ({_one_line(exc)}); it must hold "
+            raise SoctuneError(f"reward '{name}': cannot load '{root}' ({one_line_reason(exc)}); it must hold "
                                f"{self.WEIGHTS}") from None
         self.size = int(self.clip.config.vision_config.image_size)
         self.mean, self.std = _clip_normalisation(root)
@@ -364,7 +360,7 @@ class HPSv2Reward(Reward):
             model.load_state_dict(state.get("state_dict", state))
             self.tokenizer = oc.get_tokenizer("ViT-H-14")
         except Exception as exc:  # noqa: BLE001
-            raise SoctuneError(f"reward 'hpsv2': cannot load '{p}' ({_one_line(exc)})") from None
+            raise SoctuneError(f"reward 'hpsv2': cannot load '{p}' ({one_line_reason(exc)})") from None
         self.model = model.eval().requires_grad_(False)
 
     @classmethod
@@ -401,7 +397,7 @@ class ImageRewardReward(Reward):
         try:
             self.model = rm.load(str(ckpt), device="cpu", med_config=str(med)).eval().requires_grad_(False)
         except Exception as exc:  # noqa: BLE001
-            raise SoctuneError(f"reward 'imagereward': cannot load '{root}' ({_one_line(exc)}); BLIP also needs the "
+            raise SoctuneError(f"reward 'imagereward': cannot load '{root}' ({one_line_reason(exc)}); BLIP also needs the "
                                "bert-base-uncased tokenizer in the local Hugging Face cache") from None
 
     @classmethod
