@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .models.base import index_batch
 from .registry import SoctuneError
 
 
@@ -97,16 +98,7 @@ def sharded_cond_sampler(cond_sampler: Callable[[int, torch.Generator], Any] | N
         shard = current_shard(n)
         if shard is None:
             return cond_sampler(n, gen)
-        return _take_rows(cond_sampler(shard.total, gen), shard)
+        rows = torch.arange(shard.start, shard.stop)
+        return index_batch(cond_sampler(shard.total, gen), rows, shard.total)
 
     return sample
-
-
-def _take_rows(c: Any, shard: BatchShard) -> Any:
-    if isinstance(c, dict):
-        return {k: _take_rows(v, shard) for k, v in c.items()}
-    if isinstance(c, Tensor) and c.dim() >= 1 and c.shape[0] == shard.total:
-        return shard.take(c)
-    if isinstance(c, (list, tuple)) and len(c) == shard.total:
-        return type(c)(c[shard.start:shard.stop])
-    return c

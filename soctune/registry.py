@@ -29,6 +29,21 @@ class SoctuneError(ValueError):
     traceback."""
 
 
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside soctune (the user's line, not
+    the library frame that noticed the problem), so filters and the printed location point
+    at the call the user can change."""
+    import os
+    import sys
+    import warnings
+
+    package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    level, frame = 2, sys._getframe(1)  # stacklevel 1 is this function itself
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package_dir):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
 class UnknownNameError(SoctuneError):
     """A name that no registry entry (and no importable path) matches."""
 
@@ -53,6 +68,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
+        self._builtins: set[str] | None = None
 
     def register(self, name: str, description: str = "") -> Callable[[T], T]:
         """Decorator registering ``obj`` under ``name``; the description is shown by
@@ -60,8 +76,14 @@ class Registry(Generic[T]):
 
         def deco(obj: T) -> T:
             desc = description or (getattr(obj, "__doc__", None) or "").strip().split("\n")[0]
-            if name in self._entries and self._entries[name].obj is not obj:
-                raise SoctuneError(f"{self.kind} '{name}' is already registered; pick another name")
+            old = self._entries.get(name)
+            if old is not None and old.obj is not obj:
+                if _is_builtin(obj) and not _is_builtin(old.obj):
+                    # the built-ins load lazily: a user's earlier replacement stays in force
+                    return obj
+                warn_user(self._replacing(name, old.obj, obj))
+            elif old is None and not _is_builtin(obj) and name in self._builtin_names():
+                warn_user(self._replacing(name, None, obj))
             self._entries[name] = Entry(name, obj, desc)
             try:
                 setattr(obj, "registered_name", name)
@@ -70,6 +92,22 @@ class Registry(Generic[T]):
             return obj
 
         return deco
+
+    def _builtin_names(self) -> set[str]:
+        """Names soctune itself registers for this kind (read from source, so also those whose
+        module is not imported yet)."""
+        if self._builtins is None:
+            listed = list_builtin(self.kind) if self.kind in BUILTIN_PACKAGES else None
+            self._builtins = {n for n, _ in listed} if listed is not None else set()
+        return self._builtins
+
+    def _replacing(self, name: str, old: Any, new: Any) -> str:
+        """The warning of a registration that replaces an entry: a re-run definition (a notebook
+        cell run again) or, said plainly, a built-in."""
+        if old is None or _is_builtin(old):
+            return (f"{self.kind} '{name}' is a soctune built-in; {_qualname(new)} replaces it in this session "
+                    f"(register under another name to keep the built-in)")
+        return f"{self.kind} '{name}' registered again: {_qualname(new)} replaces the earlier {_qualname(old)}"
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -105,14 +143,57 @@ class Registry(Generic[T]):
         )
 
     def build(self, name: str, **options: Any) -> Any:
-        """Instantiate the entry with keyword options, turning bad options into a one-line error."""
+        """Instantiate the entry with keyword options, turning bad options into a one-line error
+        that names the accepted ones."""
         cls = self.get(name)
+        accepted = constructor_options(cls)
+        unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
+        if unknown:
+            raise SoctuneError(f"bad options for {self.kind} '{name}': unknown {', '.join(unknown)}; "
+                               f"it accepts {', '.join(accepted or []) or 'no options'}")
         try:
             return cls(**options)
         except TypeError as exc:
             if "unexpected keyword argument" in str(exc) or "missing" in str(exc):
-                raise SoctuneError(f"bad options for {self.kind} '{name}': {exc}") from None
+                hint = f"; it accepts {', '.join(accepted)}" if accepted else ""
+                raise SoctuneError(f"bad options for {self.kind} '{name}': {exc}{hint}") from None
             raise
+
+
+def constructor_options(obj: Any) -> list[str] | None:
+    """The keyword options ``obj(**options)`` accepts, sorted; ``None`` when it takes arbitrary
+    keywords that cannot be listed.
+
+    A class's ``__init__`` that forwards ``**kwargs`` adds its parent's options (walking the
+    MRO); a class with a ``declared_params()`` classmethod (:class:`~soctune.sde.base.Process`)
+    takes those as its ``**kwargs``; ``nn.Module``/``object`` take none."""
+    import inspect
+
+    names: set[str] = set()
+    klasses = [k for k in obj.__mro__ if "__init__" in vars(k)] if inspect.isclass(obj) else [obj]
+    for klass in klasses:
+        if klass is object or getattr(klass, "__module__", "").startswith("torch."):
+            return sorted(names)
+        init = klass.__init__ if inspect.isclass(klass) else klass
+        try:
+            params = list(inspect.signature(init).parameters.values())
+        except (TypeError, ValueError):
+            return None
+        names.update(p.name for p in params[1 if inspect.isclass(klass) else 0:]
+                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return sorted(names)
+        if "declared_params" in vars(klass):
+            return sorted(names | set(obj.declared_params()))
+    return None if not inspect.isclass(obj) else sorted(names)
+
+
+def _is_builtin(obj: Any) -> bool:
+    return str(getattr(obj, "__module__", "")).startswith("soctune.")
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
 # ------------------------------------------------------------------ listing without importing

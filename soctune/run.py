@@ -25,7 +25,7 @@ from .config import TrainConfig
 from .evaluation import compare, evaluate_samples, pixel_features, tilt_fidelity
 from .io import (UnsafeOrCorruptStateError, append_jsonl, atomic_write_text, load_state, plot_curve, save_grid,
                  save_side_by_side, save_state)
-from .models.base import Denoiser
+from .models.base import Denoiser, base_if, resolve_sample_shape
 from .registry import SoctuneError
 from .rewards import get_reward
 from .sde.base import Process
@@ -172,8 +172,8 @@ def draw(b: Built, n: int, seed: int, base: bool, batch: int = 256, device: str 
     for start in range(0, n, batch):
         m = min(batch, n - start)
         cond = cond_sampler(m, gen) if cond_sampler is not None else None
-        with (model.base() if base else nullcontext()), torch.no_grad():
-            with (autocast() if autocast is not None else nullcontext()):
+        with base_if(model, base), torch.no_grad():
+            with (autocast or nullcontext)():
                 traj = rollout(b.process, model, batch_size=m, sample_shape=tuple(b.loaded.sample_shape), cond=cond,
                                generator=gen, device=dev)
             x = traj.x_final.float()
@@ -381,7 +381,10 @@ def finetune(config: str | Path | dict[str, Any] | None = None, *, model: Denois
     * **any** :class:`~soctune.models.base.Denoiser` (an analytic model with a correction
       network, a user SDE's control): ``process`` and ``solver`` objects or registered names
       (options in ``process_options`` / ``solver_options``), ``reward`` a callable r(x, cond)
-      -> [B], ``sample_shape`` the state shape; with ``out``: metrics, checkpoints, resume.
+      -> [B]; with ``out``: metrics, checkpoints, resume. The state shape S comes from the model
+      (:attr:`~soctune.models.base.Denoiser.sample_shape`, e.g. ``CorrectedDenoiser(base,
+      sample_shape=(2,))``); ``sample_shape`` gives it for a model that does not know it, and
+      contradicting the model is a one-line error.
 
     ``train``: :class:`~soctune.config.TrainConfig` fields — iters, batch_size, lr, seed,
     grad_clip, grad_accum, device ("auto", "cpu", "cuda", "cuda:N", "mps"), precision ("fp32",
@@ -396,6 +399,9 @@ def finetune(config: str | Path | dict[str, Any] | None = None, *, model: Denois
     if bad:
         raise SoctuneError(f"unknown training option(s) {sorted(bad)}; valid: {sorted(TrainConfig.__dataclass_fields__)}")
     if model is None or isinstance(model, (str, Path)):
+        if sample_shape is not None:
+            raise SoctuneError("sample_shape is for a Denoiser object as model; a diffusers model knows its state shape "
+                               "(drop sample_shape)")
         if isinstance(process, Process) or isinstance(solver, Solver) or (reward is not None and not isinstance(reward, str)):
             raise SoctuneError("with a diffusers model (a path, or None for the shipped one) pass process, solver and "
                                "reward as names; pass a Denoiser as model to use process/solver/reward objects")
@@ -408,7 +414,8 @@ def finetune(config: str | Path | dict[str, Any] | None = None, *, model: Denois
     if config is not None or sets:
         raise SoctuneError("config/sets describe a diffusers run; with a Denoiser object pass the training options as "
                            "keyword arguments")
-    return _finetune_objects(model, process, solver, reward, sample_shape, cond_sampler, process_options,
+    shape = resolve_sample_shape(model, sample_shape)
+    return _finetune_objects(model, process, solver, reward, shape, cond_sampler, process_options,
                              solver_options, out, resume, on_event, callback, TrainConfig(**train))
 
 

@@ -32,7 +32,6 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, replace
 from typing import Any, Callable, Iterator
 
@@ -42,7 +41,7 @@ from torch import Tensor, nn
 
 from . import distributed as dist_
 from .config import TrainConfig
-from .models.base import Denoiser
+from .models.base import Denoiser, base_if
 from .registry import SoctuneError
 from .sde.base import Process
 from .solvers.base import CondSampler, FinetuneContext, LossOutput, Solver
@@ -424,7 +423,7 @@ class Trainer:
         gen = torch.Generator(device=self.device).manual_seed(seed)
         if cond is None and self.ctx.cond_sampler is not None:
             cond = self.ctx.cond_sampler(n, gen)
-        with (self.model.base() if base else nullcontext()), self.autocast():
+        with base_if(self.model, base), self.autocast():
             traj = rollout(proc, self.model, batch_size=n, sample_shape=self.sample_shape, cond=cond,
                            generator=gen, device=self.device)
         return traj.x_final.float()
@@ -508,4 +507,3 @@ def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
         second = sum(float(r["reward_std"]) ** 2 + float(r["reward_mean"]) ** 2 for r in rows) / len(rows)
         out["reward_std"] = max(second - mu * mu, 0.0) ** 0.5
     return out
-

@@ -57,11 +57,12 @@ class GradSpec:
 class Trajectory:
     """A recorded rollout of K' ≤ K steps (K' < K when stopped early).
 
-    Shapes: ts [K'+1] (float64 generation times), xs [K'+1, B, *S], noises / means / x0s
-    [K', B, *S], stds [K'] (per-step std, 0 for deterministic steps). ``states[k]`` is the
-    process state entering step k (constants, e.g. the previous x̂₁ of a multistep solver).
-    ``x_final`` and ``x0_final`` (x̂₁ predicted at the last executed step) carry the autograd
-    graph requested by the rollout's :class:`GradSpec`; every other tensor is detached.
+    Shapes: ts [K'+1] (float64 generation times), xs [K'+1, B, *S] (``xs[0]`` the noise x_0),
+    noises / means / x1_hats [K', B, *S] (``x1_hats[k]`` the data estimate x̂₁ predicted at step
+    k), stds [K'] (per-step std, 0 for deterministic steps). ``states[k]`` is the process state
+    entering step k (constants, e.g. the previous x̂₁ of a multistep solver). ``x_final`` and
+    ``x1_hat_final`` (x̂₁ predicted at the last executed step) carry the autograd graph
+    requested by the rollout's :class:`GradSpec`; every other tensor is detached.
     """
 
     ts: Tensor
@@ -69,12 +70,12 @@ class Trajectory:
     noises: Tensor
     means: Tensor
     stds: Tensor
-    x0s: Tensor | None
+    x1_hats: Tensor | None
     states: list[dict[str, Tensor]]
     cond: Any
     prediction_type: str
     x_final: Tensor
-    x0_final: Tensor | None = None
+    x1_hat_final: Tensor | None = None
     reward: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -103,12 +104,15 @@ def model_step(process: Process, model: Denoiser, x: Tensor, k: int, cond: Any,
                state: dict[str, Tensor]) -> StepOutput:
     """One evaluation of the mean map: pred = model(x_k, t_k, cond), then the process's kernel.
 
-    x: [B, *S]. Returns the step's (mean, std, x̂₁, next state). Differentiable in x and in the
-    model's parameters when called under grad.
+    x: [B, *S]. Returns the step's (mean, std, x̂₁, next state) with the raw prediction [B, *S]
+    in ``.pred`` (output regularisers compare it with the base's). Differentiable in x and in
+    the model's parameters when called under grad.
     """
     tb = torch.full((x.shape[0],), process.model_time(k), dtype=x.dtype, device=x.device)
     pred = model(x, tb, cond)
-    return process.step_kernel(x, k, pred, state, model.prediction_type)
+    out = process.step_kernel(x, k, pred, state, model.prediction_type)
+    out.pred = pred
+    return out
 
 
 def step_prediction_coefficient(process: Process, k: int, x: Tensor, state: dict[str, Tensor],
@@ -171,7 +175,7 @@ def rollout(process: Process, model: Denoiser, *, batch_size: int | None = None,
     if noises is not None and noises.shape[0] < n:
         raise SoctuneError(f"replay has {noises.shape[0]} noise draws for {n} steps")
 
-    xs, means, x0s, stds, states, drawn = [x.detach()], [], [], [], [], []
+    xs, means, x1_hats, stds, states, drawn = [x.detach()], [], [], [], [], []
     state = process.init_state()
     out: StepOutput | None = None
     for k in range(n):
@@ -197,8 +201,8 @@ def rollout(process: Process, model: Denoiser, *, batch_size: int | None = None,
         xs.append(x.detach())
         means.append(out.mean.detach())
         stds.append(out.std.detach().reshape(()))
-        if out.x0 is not None:
-            x0s.append(out.x0.detach())
+        if out.x1_hat is not None:
+            x1_hats.append(out.x1_hat.detach())
         drawn.append(xi)
         if callback is not None:
             callback(k, x.detach())
@@ -206,8 +210,8 @@ def rollout(process: Process, model: Denoiser, *, batch_size: int | None = None,
     assert out is not None
     traj = Trajectory(
         ts=process.ts[: n + 1].detach(), xs=torch.stack(xs), noises=torch.stack(drawn), means=torch.stack(means),
-        stds=torch.stack(stds), x0s=torch.stack(x0s) if len(x0s) == n else None, states=states, cond=cond,
-        prediction_type=model.prediction_type, x_final=x, x0_final=out.x0,
+        stds=torch.stack(stds), x1_hats=torch.stack(x1_hats) if len(x1_hats) == n else None, states=states,
+        cond=cond, prediction_type=model.prediction_type, x_final=x, x1_hat_final=out.x1_hat,
     )
     if reward_fn is not None:
         traj.reward = reward_fn(x, cond)
@@ -218,14 +222,16 @@ def _checkpointed_step(process: Process, model: Denoiser, x: Tensor, k: int, con
                        state: dict[str, Tensor], xi: Tensor) -> tuple[StepOutput, Tensor]:
     keys = sorted(state)
     next_keys: list[str] = []  # filled by the first (forward) execution of fn
-    has_x0: list[bool] = []  # checkpoint outputs must be tensors; remember whether x0 was None
+    has_x1_hat: list[bool] = []  # checkpoint outputs must be tensors; remember whether x̂₁ was None
 
     def fn(x_in: Tensor, *state_vals: Tensor) -> tuple[Tensor, ...]:
         o = model_step(process, model, x_in, k, cond, dict(zip(keys, state_vals)))
-        x0 = o.x0 if o.x0 is not None else torch.zeros_like(x_in)
+        x1_hat = o.x1_hat if o.x1_hat is not None else torch.zeros_like(x_in)
         next_keys[:] = sorted(o.state)
-        has_x0[:] = [o.x0 is not None]
-        return (o.mean, o.std, x0, o.mean + o.std * xi, *[o.state[key] for key in next_keys])
+        has_x1_hat[:] = [o.x1_hat is not None]
+        assert o.pred is not None
+        return (o.mean, o.std, x1_hat, o.pred, o.mean + o.std * xi, *[o.state[key] for key in next_keys])
 
-    mean, std, x0, x_new, *nxt = checkpoint(fn, x, *[state[key] for key in keys], use_reentrant=False)
-    return StepOutput(mean=mean, std=std, x0=x0 if has_x0[0] else None, state=dict(zip(next_keys, nxt))), x_new
+    mean, std, x1_hat, pred, x_new, *nxt = checkpoint(fn, x, *[state[key] for key in keys], use_reentrant=False)
+    return StepOutput(mean=mean, std=std, x1_hat=x1_hat if has_x1_hat[0] else None, state=dict(zip(next_keys, nxt)),
+                      pred=pred), x_new

@@ -82,7 +82,7 @@ DDPM_CASES = [(f"{b}-{pt}", {**cfg, "clip_sample": False, "prediction_type": pt}
               for b, cfg in _BETAS.items() for pt in ("epsilon", "v_prediction", "sample")]
 DDPM_CASES += [
     ("sd15-ddim-config", SD15_DDIM_CONFIG, "epsilon"),
-    ("diffusers-defaults-clip", {}, "epsilon"),  # clip_sample=True: x̂₀ clipped to [−1, 1]
+    ("diffusers-defaults-clip", {}, "epsilon"),  # clip_sample=True: x̂₁ clipped to [−1, 1]
     ("linspace", {**_BETAS["scaled_linear"], "clip_sample": False, "timestep_spacing": "linspace"}, "epsilon"),
     ("trailing", {**_BETAS["scaled_linear"], "clip_sample": False, "timestep_spacing": "trailing"}, "v_prediction"),
 ]
@@ -119,9 +119,9 @@ def test_ddpm_matches_diffusers(name: str, config: dict[str, Any], pt: str, monk
         out = sched.step(f(x, float(tau)), tau, x)
         err = float((out.prev_sample - traj.xs[k + 1]).abs().max())
         assert err < TOL, f"step {k} (τ={int(tau)}): max |Δx| = {err:.2e}"
-        # x̂₀ = (x − β ε̂)/α amplifies float32 round-off by 1/α (α_{t_0} ≈ 0.006 for linear
-        # betas): measured max |Δx̂₀| 2.3e-5 on |x̂₀| ≈ 4 at the first step, ≤ 1e-6 after it
-        torch.testing.assert_close(out.pred_original_sample, traj.x0s[k], rtol=1e-4, atol=TOL)
+        # x̂₁ = (x − β ε̂)/α amplifies float32 round-off by 1/α (α_{t_0} ≈ 0.006 for linear
+        # betas): measured max |Δx̂₁| 2.3e-5 on |x̂₁| ≈ 4 at the first step, ≤ 1e-6 after it
+        torch.testing.assert_close(out.pred_original_sample, traj.x1_hats[k], rtol=1e-4, atol=TOL)
         step_noise[:] = [noises[k]]
         free = sched_free.step(f(free, float(tau)), tau, free).prev_sample
     err = float((free - traj.xs[-1]).abs().max())
@@ -166,7 +166,7 @@ def test_dpmpp_sde_matches_diffusers(name: str, order: int, K: int, fs: str, pt:
     sched_free.set_timesteps(K)
     free = x_init.clone()
     for k, tau in enumerate(sched.timesteps):
-        x = traj.xs[k]  # same input state: diffusers' multistep memory is then built from our x̂₀'s
+        x = traj.xs[k]  # same input state: diffusers' multistep memory is then built from our x̂₁'s
         out = sched.step(f(x, float(tau)), tau, x, variance_noise=noises[k]).prev_sample
         err = float((out - traj.xs[k + 1]).abs().max())
         assert err < TOL, f"step {k} (τ={int(tau)}): max |Δx| = {err:.2e}"
@@ -182,7 +182,7 @@ def test_dpmpp_sde_matches_diffusers(name: str, order: int, K: int, fs: str, pt:
     if fs == "sigma_min":
         assert bool((traj.stds > 0).all()), "the default final sigma keeps every step stochastic"
     else:
-        assert float(traj.stds[-1]) == 0.0 and torch.equal(traj.xs[-1], traj.x0s[-1])
+        assert float(traj.stds[-1]) == 0.0 and torch.equal(traj.xs[-1], traj.x1_hats[-1])
 
 
 def test_dpmpp_sde_rejects_unsupported_options() -> None:

@@ -65,7 +65,7 @@ def test_shapes_and_dtypes(case: tuple[Process, Any]) -> None:
     for t in (traj.noises, traj.means):
         assert t.shape == (n, B, DIM) and t.dtype == torch.float32
     assert traj.stds.shape == (n,) and traj.stds.dtype == torch.float32 and bool((traj.stds >= 0).all())
-    assert traj.x0s is None or (traj.x0s.shape == (n, B, DIM) and traj.x0s.dtype == torch.float32)
+    assert traj.x1_hats is None or (traj.x1_hats.shape == (n, B, DIM) and traj.x1_hats.dtype == torch.float32)
     assert len(traj.states) == n and traj.num_steps == n and traj.batch_size == B
     assert traj.x_final.shape == (B, DIM) and torch.isfinite(traj.xs).all()
     lp = traj.log_probs()
@@ -145,10 +145,10 @@ def test_grad_specs_agree(case: tuple[Process, Any]) -> None:
     for key, traj in runs.items():
         assert torch.equal(traj.xs, ref.xs), key
         assert torch.equal(traj.means, ref.means) and torch.equal(traj.stds, ref.stds), key
-        assert (traj.x0s is None) == (ref.x0s is None), key
-        if ref.x0s is not None:
-            assert torch.equal(traj.x0s, ref.x0s), key
-        assert (traj.x0_final is None) == (ref.x0_final is None), key
+        assert (traj.x1_hats is None) == (ref.x1_hats is None), key
+        if ref.x1_hats is not None:
+            assert torch.equal(traj.x1_hats, ref.x1_hats), key
+        assert (traj.x1_hat_final is None) == (ref.x1_hat_final is None), key
     total = sum(float(g.abs().sum()) for g in grads["all-plain"])
     assert total > 0, "the reward gradient must reach the model"
     for g_ckpt, g_plain in zip(grads["all-ckpt"], grads["all-plain"]):

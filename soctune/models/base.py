@@ -12,12 +12,15 @@ Fine-tuning never keeps a second copy of the base network: a denoiser carries it
 
 from __future__ import annotations
 
+import copy
 import math
-from contextlib import contextmanager
-from typing import Any, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from ..registry import SoctuneError
 
 #: ``epsilon`` (noise), ``v_prediction`` (VP v = αε − βx₁), ``sample`` (x̂₁, the data),
 #: ``velocity`` (dx/dt in generation time, flow matching; diffusers' flow models predict −velocity).
@@ -28,14 +31,18 @@ class Denoiser(nn.Module):
     """Base class: ``forward(x [B,*S], t [B], cond) -> prediction [B,*S]``."""
 
     prediction_type: str = "epsilon"
+    #: the state shape S the model works on, where the model fixes it (a Gaussian mixture's
+    #: (D,), a correction network's); ``None`` when it takes any shape. ``soctune.finetune``
+    #: reads it, so the shape is given once.
+    sample_shape: tuple[int, ...] | None = None
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    @contextmanager
-    def base(self) -> Iterator[None]:
-        """Context in which the model predicts with its adaptation switched off."""
-        yield
+    def base(self) -> AbstractContextManager[None]:
+        """Context in which the model predicts with its adaptation switched off (a model
+        without adaptation: nothing to switch)."""
+        return nullcontext()
 
     def unguided(self) -> "Denoiser":
         """The same model without classifier-free guidance (the lean adjoint needs it)."""
@@ -91,7 +98,11 @@ class CorrectedDenoiser(Denoiser):
 
     Args:
         base_model: a frozen :class:`Denoiser` (e.g. an exact Gaussian-mixture model).
-        dim: flattened state size D (the correction works on [B, D]).
+        dim: flattened state size D (the correction works on [B, D]); may be left out when
+            ``sample_shape`` is given or the base model knows its shape.
+        sample_shape: the state shape S (D = ∏S). Given here (or known by the base model), it is
+            the model's :attr:`~Denoiser.sample_shape` and ``soctune.finetune`` needs no
+            ``sample_shape``; with ``dim`` alone the layout of the D numbers is not known.
         base_features: also feed the base prediction to c_φ, c_φ(x, t, pred_base(x, t)). Like LoRA
             reusing the pretrained network's features, this hands the correction the base model's
             sharp structure (e.g. mode responsibilities) instead of relearning it from raw x:
@@ -100,8 +111,24 @@ class CorrectedDenoiser(Denoiser):
             without.
     """
 
-    def __init__(self, base_model: Denoiser, dim: int, base_features: bool = False, **net_options: Any) -> None:
+    def __init__(self, base_model: Denoiser, dim: int | None = None, base_features: bool = False, *,
+                 sample_shape: Sequence[int] | int | None = None, **net_options: Any) -> None:
         super().__init__()
+        shape = base_model.sample_shape
+        if sample_shape is not None:
+            mine = as_shape(sample_shape)
+            if shape is not None and mine != shape:
+                raise SoctuneError(f"sample_shape={mine} contradicts the base model's state shape {shape}; "
+                                   "drop sample_shape")
+            shape = mine
+        if shape is not None:
+            if dim is not None and int(dim) != math.prod(shape):
+                raise SoctuneError(f"dim={dim} contradicts the state shape {shape} ({math.prod(shape)} numbers); "
+                                   "drop dim")
+            dim = math.prod(shape)
+        if dim is None:
+            raise SoctuneError("CorrectedDenoiser needs the state shape: pass sample_shape=(...) (or dim=D)")
+        self.sample_shape = shape
         self.base_model = base_model
         self.prediction_type = base_model.prediction_type
         for p in self.base_model.parameters():
@@ -168,6 +195,67 @@ class ClassifierFreeGuidance(Denoiser):
 
     def unguided(self) -> Denoiser:
         return self.model
+
+    @property  # type: ignore[override]
+    def sample_shape(self) -> tuple[int, ...] | None:
+        return self.model.sample_shape
+
+
+def as_shape(shape: Sequence[int] | int) -> tuple[int, ...]:
+    """A state shape as a tuple of positive ints (an int D means (D,))."""
+    dims = (shape,) if isinstance(shape, int) else tuple(shape)
+    if not dims or any(int(n) < 1 or int(n) != n for n in dims):
+        raise SoctuneError(f"a state shape is a tuple of positive integers, got {shape!r}")
+    return tuple(int(n) for n in dims)
+
+
+def resolve_sample_shape(model: Denoiser, sample_shape: Sequence[int] | int | None) -> tuple[int, ...]:
+    """The state shape S of a run on ``model``: the model's :attr:`Denoiser.sample_shape` when it
+    knows it, else ``sample_shape``. Both given and different is a one-line error (the shape is
+    said once); neither given is a one-line error naming both ways to say it."""
+    known = model.sample_shape
+    if sample_shape is None:
+        if known is None:
+            raise SoctuneError(f"{type(model).__name__} does not know its state shape: pass sample_shape=(...) or "
+                               "build the model with it (e.g. CorrectedDenoiser(base, sample_shape=(2,)))")
+        return tuple(known)
+    given = as_shape(sample_shape)
+    if known is not None and given != tuple(known):
+        raise SoctuneError(f"sample_shape={given} contradicts the model's state shape {tuple(known)}; "
+                           "drop sample_shape (the model knows it)")
+    return given
+
+
+def base_if(model: Denoiser, base: bool) -> AbstractContextManager[None]:
+    """``model.base()`` when ``base`` (predict with the pretrained model), else a no-op context
+    (the fine-tuned model): one switch for the samplers that offer both."""
+    return model.base() if base else nullcontext()
+
+
+def index_batch(obj: Any, idx: Tensor, batch: int) -> Any:
+    """Rows ``idx`` [n] (long) of a batched object: conditioning or a step state.
+
+    Batch-leading means a tensor [batch, ...], a list/tuple of length ``batch``, or a dict of
+    those (nested); a dict subclass keeps its type and its batch-leading attributes (e.g. the
+    prompt strings of a text conditioning) are indexed with it. Anything else — ``None``,
+    a 0-dim or shared tensor, a scalar — is the same for every sample and passes unchanged.
+    Repeated indices tile: ``torch.arange(n·B) % B`` gives n copies laid out as (n B).
+    """
+    if isinstance(obj, Tensor):
+        return obj[idx.to(obj.device)] if obj.dim() >= 1 and obj.shape[0] == batch else obj
+    if isinstance(obj, dict):
+        rows = {k: index_batch(v, idx, batch) for k, v in obj.items()}
+        if type(obj) is dict:
+            return rows
+        out = copy.copy(obj)  # same subclass without calling its __init__; then swap in the rows
+        out.clear()
+        out.update(rows)
+        for name, value in vars(obj).items():
+            setattr(out, name, index_batch(value, idx, batch))
+        return out
+    if isinstance(obj, (list, tuple)) and len(obj) == batch:
+        return type(obj)(obj[int(i)] for i in idx)
+    return obj
 
 
 def _expand_cond(c: Any, b: int) -> Any:

@@ -9,7 +9,7 @@ Time mapping (generation time t ∈ [0, 1], t = 0 noise, t = 1 data) — done he
 
 * VP diffusion models (DDPM/DDIM/Euler/DPM schedulers with ᾱ): diffusers timestep
   τ = N(1 − t) − 1 (N = ``num_train_timesteps``), snapped to the nearest integer when within
-  float rounding of it; the output is ε / v / x̂₀ per the config's ``prediction_type``.
+  float rounding of it; the output is ε / v / x̂₁ (the data estimate) per the config's ``prediction_type``.
 * Flow-matching models (``FlowMatch*`` schedulers): σ = 1 − t, timestep = N·σ (Flux: σ), the
   network predicts dx/dσ = ε − x₁, so the generation-time velocity is −output.
 
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..registry import SoctuneError
 from . import lora as _lora
-from .base import ClassifierFreeGuidance, Denoiser, _expand_cond
+from .base import ClassifierFreeGuidance, Denoiser, _expand_cond, index_batch
 
 #: shipped tiny models, usable as ``load_model("digits-ddpm")``
 ALIASES = {"digits-ddpm": "ddpm", "digits-flow": "flow"}
@@ -48,14 +48,6 @@ class TextCond(dict):
     def __init__(self, tensors: dict[str, Any], prompts: Sequence[str] | None = None) -> None:
         super().__init__(tensors)
         self.prompts = list(prompts) if prompts is not None else None
-
-
-def _index_cond(c: Any, idx: Tensor) -> Any:
-    if isinstance(c, dict):
-        return {k: _index_cond(v, idx) for k, v in c.items()}
-    if isinstance(c, Tensor):
-        return c[idx.to(c.device)]
-    return c
 
 
 def _map_tensors(c: Any, fn: Callable[[Tensor], Tensor]) -> Any:
@@ -433,7 +425,7 @@ class LoadedModel:
 
         def sample(b: int, generator: torch.Generator) -> TextCond:
             idx = torch.randint(len(prompts), (b,), generator=generator, device=generator.device).cpu()
-            return TextCond(_index_cond(dict(encoded), idx), [prompts[i] for i in idx.tolist()])
+            return index_batch(encoded, idx, len(prompts))  # a TextCond: its prompt strings follow idx
 
         return sample
 

@@ -212,18 +212,12 @@ def adapter_weights(model: Any) -> dict[str, float]:
     return {n: _current_weight(network, n) for n in _active_adapters(network)}
 
 
-@contextmanager
-def adapters_disabled(model: Any) -> Iterator[None]:
+def adapters_disabled(model: Any) -> "_AdapterState":
     """Context in which every adapter is off: the network computes the pretrained model.
 
     Uses peft's per-layer switch (no copy); requires_grad flags are restored on exit because
-    peft's switch also toggles them."""
-    network = _network_of(model)
-    if not _tuner_layers(network) or getattr(network, "_soctune_disabled", False):
-        yield
-        return
-    with _adapters_switched(network, enabled=False):
-        yield
+    peft's switch also toggles them. Nothing to do (no adapters, or already off): a no-op."""
+    return _AdapterState(_network_of(model), disabled=True)
 
 
 @contextmanager
@@ -277,7 +271,7 @@ class _AdapterState:
     def __enter__(self) -> None:
         now = bool(getattr(self.network, "_soctune_disabled", False))
         ctx: Any = nullcontext()
-        if now != self.disabled:
+        if now != self.disabled and _tuner_layers(self.network):
             ctx = _adapters_switched(self.network, enabled=not self.disabled)
         ctx.__enter__()
         self._stack.append(ctx)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.base import Denoiser
-from ..registry import Registry, import_submodules, SoctuneError
+from ..registry import Registry, SoctuneError, constructor_options, import_submodules
 
 PROCESSES: Registry[type["Process"]] = Registry("process")
 register_process = PROCESSES.register
@@ -32,15 +32,19 @@ register_process = PROCESSES.register
 class StepOutput:
     """One Gaussian transition N(mean, std²·I).
 
-    mean: [B, *S]. std: 0-dim tensor (the same for the whole batch). x0: the data estimate x̂₁
-    implied by the prediction ([B, *S]; ``None`` for processes without one). state: what the
-    next step needs (e.g. the previous x̂₁ of a multistep solver), treated as a constant.
+    mean: [B, *S]. std: 0-dim tensor (the same for the whole batch). x1_hat: the data estimate
+    x̂₁ implied by the prediction ([B, *S]; ``None`` for processes without one — generation time
+    runs from noise x_0 to data x_1). state: what the next step needs (e.g. the previous x̂₁ of a
+    multistep solver), treated as a constant. pred: the model prediction [B, *S] the kernel was
+    built from (set by :func:`soctune.trajectory.model_step`; ``None`` when a kernel is called
+    directly with a prediction).
     """
 
     mean: Tensor
     std: Tensor
-    x0: Tensor | None = None
+    x1_hat: Tensor | None = None
     state: dict[str, Tensor] = field(default_factory=dict)
+    pred: Tensor | None = None
 
 
 class Process(nn.Module):
@@ -48,8 +52,14 @@ class Process(nn.Module):
     parameterisations they accept, and implement ``drift``/``diffusion`` (Euler–Maruyama step
     by default) or ``step_kernel``.
 
+    A subclass declares its own parameters as annotated class attributes with a default,
+    ``A: float = 1.0``; the constructor (and so ``get_process(name, A=2.0, num_steps=20)``)
+    takes them as keywords and sets them before the grid is built. An unknown keyword is a
+    one-line error naming the accepted ones.
+
     Args:
         num_steps: K, the number of transitions of the discrete chain.
+        params: values of the declared parameters (:meth:`declared_params`).
     """
 
     registered_name: ClassVar[str] = "?"
@@ -58,12 +68,33 @@ class Process(nn.Module):
     #: prediction types the process can turn into a drift.
     accepts: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample", "velocity")
 
-    def __init__(self, num_steps: int = 50) -> None:
+    def __init__(self, num_steps: int = 50, **params: Any) -> None:
         super().__init__()
         if int(num_steps) < 1:
             raise SoctuneError(f"num_steps must be a positive integer, got {num_steps}")
+        unknown = sorted(set(params) - set(self.declared_params()))
+        if unknown:
+            raise SoctuneError(f"{type(self).__name__} has no option {', '.join(unknown)}; it accepts "
+                               f"{', '.join(constructor_options(type(self)) or [])}")
+        for name, value in params.items():  # before make_grid, which may read them
+            setattr(self, name, value)
         self.num_steps = int(num_steps)
         self.register_buffer("ts", self.make_grid(self.num_steps).to(torch.float64), persistent=False)
+
+    @classmethod
+    def declared_params(cls) -> dict[str, Any]:
+        """{name: default} of the parameters the subclasses declare as annotated class attributes
+        with a default (``A: float = 1.0``); ``ClassVar`` and ``_private`` names are not
+        parameters."""
+        out: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            if klass is Process or not issubclass(klass, Process):
+                continue
+            own = vars(klass)
+            for name, annotation in own.get("__annotations__", {}).items():
+                if not name.startswith("_") and name in own and "ClassVar" not in str(annotation):
+                    out[name] = own[name]
+        return out
 
     # ---- discrete view -------------------------------------------------------------------
     def make_grid(self, num_steps: int) -> Tensor:
@@ -92,7 +123,7 @@ class Process(nn.Module):
                 f"it accepts {', '.join(self.accepts)} — pick a matching process or model"
             )
         # a model that knows its training noise path (diffusers models) vetoes a process on another
-        # path that the prediction type alone lets through: an x̂₀-prediction VP model on the flow
+        # path that the prediction type alone lets through: an x̂₁-prediction VP model on the flow
         # path, or a ddpm process built on other betas than the model's scheduler config
         hook = getattr(model, "check_process", None)
         if callable(hook):

@@ -28,12 +28,13 @@ def load_scheduler_config(config: dict[str, Any] | str | Path | None) -> dict[st
     raise SoctuneError(f"no diffusers scheduler config at '{config}'; pass a scheduler_config.json or its folder")
 
 
-@register_process("ddpm", "Ancestral DDPM / DDIM(η=1) on the model's VP schedule; memoryless, for ε, v or x₀ models")
+@register_process("ddpm", "Ancestral DDPM / DDIM(η=1) on the model's VP schedule; memoryless, for ε, v or x̂₁ (sample) models")
 class DDPM(GaussianPathProcess):
     """Ancestral DDPM on the discrete ᾱ schedule of a diffusers scheduler config.
 
-    The step from diffusers timestep τ to τ' = τ − N/K is q(x_τ' | x_τ, x̂₀):
-        mean = √ᾱ_τ' x̂₀ + √(1 − ᾱ_τ' − v) ε̂,  v = (1−ᾱ_τ')/(1−ᾱ_τ)·(1 − ᾱ_τ/ᾱ_τ'),
+    The step from diffusers timestep τ to τ' = τ − N/K is q(x_τ' | x_τ, x̂₁) (x̂₁ the data
+    estimate, diffusers' ``pred_original_sample``):
+        mean = √ᾱ_τ' x̂₁ + √(1 − ᾱ_τ' − v) ε̂,  v = (1−ᾱ_τ')/(1−ᾱ_τ)·(1 − ᾱ_τ/ᾱ_τ'),
     which equals ``DDPMScheduler.step`` (variance_type="fixed_small"). The last step lands
     on ᾱ = 1 and is deterministic (std = 0): solvers leave it out of log-density terms.
 
@@ -52,7 +53,7 @@ class DDPM(GaussianPathProcess):
                  noise_scale: float = 1.0, kernel: str = "ddim", time_offset: float = 1e-3) -> None:
         from diffusers import DDPMScheduler
 
-        # without a config, diffusers' defaults except clip_sample: clipping x̂₀ to [−1, 1] is an
+        # without a config, diffusers' defaults except clip_sample: clipping x̂₁ to [−1, 1] is an
         # image-space heuristic that would corrupt any data outside that range
         cfg = load_scheduler_config(scheduler_config) if scheduler_config is not None else {"clip_sample": False}
         cfg.pop("_class_name", None)
@@ -75,8 +76,8 @@ class DDPM(GaussianPathProcess):
         cfg = self._sched.config
         if not cfg.clip_sample or self.kernel == "euler":
             return super().step_kernel(x, k, pred, state, prediction_type)
-        # clip x̂₀ as diffusers does, then re-derive ε̂ from the clipped x̂₀ (DDIM's rule, which
-        # leaves the η = 1 mean equal to DDPM's posterior mean on the clipped x̂₀)
+        # clip x̂₁ as diffusers does, then re-derive ε̂ from the clipped x̂₁ (DDIM's rule, which
+        # leaves the η = 1 mean equal to DDPM's posterior mean on the clipped x̂₁)
         x1, _ = self.split(x, self.model_time(k), pred, prediction_type)
         x1 = x1.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
         return super().step_kernel(x, k, x1, state, "sample")

@@ -34,7 +34,7 @@ _UNSUPPORTED_SIGMAS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_
                        "use_flow_sigmas")
 
 
-@register_process("dpmpp-sde", "SDE-DPM-Solver++ order 1/2 (diffusers' sde-dpmsolver++) on the model's VP schedule; for ε, v or x₀ models")
+@register_process("dpmpp-sde", "SDE-DPM-Solver++ order 1/2 (diffusers' sde-dpmsolver++) on the model's VP schedule; for ε, v or x̂₁ (sample) models")
 class DPMSolverSDE(GaussianPathProcess):
     """SDE-DPM-Solver++ on the discrete ᾱ schedule of a diffusers scheduler config, step for
     step equal to ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++",
@@ -46,7 +46,7 @@ class DPMSolverSDE(GaussianPathProcess):
 
     * ``final_sigmas_type="sigma_min"`` (soctune's default): t_K = 1 − 1/N, the noise level of
       τ = 0 (β ≈ 0.01 for SD-style schedules). Every step then has std > 0, so every step has
-      a finite log-density and control cost; x̂₁ of the last step is ``Trajectory.x0s[-1]``.
+      a finite log-density and control cost; x̂₁ of the last step is ``Trajectory.x1_hats[-1]``.
     * ``final_sigmas_type="zero"`` (diffusers' default): t_K = 1 (β = 0); the last step is the
       deterministic jump x_K = x̂₁ (std 0, left out of log-density terms like DDPM's).
 
@@ -54,7 +54,7 @@ class DPMSolverSDE(GaussianPathProcess):
     first order when ``euler_at_final``, when ``final_sigmas_type == "zero"``, or when
     ``lower_order_final`` and K < 15.
 
-    The previous x̂₁ is carried in the step ``state`` (``{"x0_prev": [B,*S]}``). The mean map of
+    The previous x̂₁ is carried in the step ``state`` (``{"x1_hat_prev": [B,*S]}``). The mean map of
     step k is a function of (x_k, θ) with that state a CONSTANT: solvers that replay a step from
     ``Trajectory.states[k]`` (detached) and differentiate its mean with respect to x_k or θ do
     not differentiate through the earlier prediction. A rollout that keeps the graph over
@@ -141,17 +141,17 @@ class DPMSolverSDE(GaussianPathProcess):
         one_m = 1.0 - e * e
         mean = (b_t / b_s * e) * x + (a_t * one_m) * x1
         if self._orders[k] == 2 and b_t > 0:
-            if "x0_prev" not in state:
+            if "x1_hat_prev" not in state:
                 raise SoctuneError(
-                    f"step {k} of order-2 dpmpp-sde needs the previous x̂₀ in state; pass trajectory.states[{k}]")
+                    f"step {k} of order-2 dpmpp-sde needs the previous x̂₁ in state; pass trajectory.states[{k}]")
             a_p, b_p = self._ab(self.ts[k - 1])
             h = math.log(a_t / b_t) - math.log(a_s / b_s)
             h0 = math.log(a_s / b_s) - math.log(a_p / b_p)
-            d1 = (x1 - state["x0_prev"]) * (h / h0)  # D₁ = (x̂₁ − x̂₁_prev)/r₀, r₀ = h₀/h
+            d1 = (x1 - state["x1_hat_prev"]) * (h / h0)  # D₁ = (x̂₁ − x̂₁_prev)/r₀, r₀ = h₀/h
             if self.solver_type == "heun":
                 mean = mean + (a_t * (one_m / (-2.0 * h) + 1.0)) * d1
             else:  # midpoint
                 mean = mean + (0.5 * a_t * one_m) * d1
         std = torch.as_tensor(b_t * math.sqrt(max(one_m, 0.0)), dtype=x.dtype, device=x.device)
-        next_state = {"x0_prev": x1} if self.order == 2 else {}
-        return StepOutput(mean=mean, std=std, x0=x1, state=next_state)
+        next_state = {"x1_hat_prev": x1} if self.order == 2 else {}
+        return StepOutput(mean=mean, std=std, x1_hat=x1, state=next_state)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -25,12 +25,22 @@ class EulerMaruyama(Process):
     * ``prediction_type == "drift"``: b_θ(x, t) = pred (a neural SDE's full drift).
 
     Subclass and override :meth:`base_drift` and :meth:`diffusion` (and ``make_grid``/``prior``)
-    to define a process in one file, or pass callables.
+    to define a process in one file, or pass callables. The subclass's own parameters are
+    annotated class attributes with defaults, taken as constructor keywords::
+
+        @register_process("my-linear")
+        class MyLinear(EulerMaruyama):
+            a: float = -1.0                      # dX = a·X dt + σ dW
+            def base_drift(self, x, t):
+                return self.a * x
+
+        get_process("my-linear", a=-2.0, num_steps=20)
 
     Args:
         drift: b(x [B,*S], t) -> [B,*S]; default 0.
         diffusion: σ(t) -> float; default 1.
         num_steps: K (uniform grid on [0, 1]).
+        params: the subclass's declared parameters (see :meth:`Process.declared_params`).
         prior_std: x_0 ~ N(prior_mean, prior_std² I); 0 gives a fixed start.
         memoryless: declare that X_0 and X_1 are independent under the base process.
     """
@@ -39,14 +49,14 @@ class EulerMaruyama(Process):
 
     def __init__(self, drift: DriftFn | None = None, diffusion: DiffusionFn | float | None = None,
                  num_steps: int = 100, prior_mean: float = 0.0, prior_std: float = 1.0,
-                 memoryless: bool = False) -> None:
+                 memoryless: bool = False, **params: Any) -> None:
         if prior_std < 0:
             raise SoctuneError(f"prior_std must be ≥ 0, got {prior_std}")
         self._drift_fn = drift
         self._sigma = diffusion
         self.prior_mean, self.prior_std = float(prior_mean), float(prior_std)
         self.memoryless = bool(memoryless)  # type: ignore[misc]
-        super().__init__(num_steps)
+        super().__init__(num_steps, **params)
 
     def prior(self, shape, generator=None, device=None, dtype=torch.float32) -> Tensor:  # type: ignore[override]
         return self.prior_mean + self.prior_std * torch.randn(shape, generator=generator, device=device, dtype=dtype)

@@ -192,7 +192,7 @@ class GaussianPathProcess(Process):
                     prediction_type: str) -> StepOutput:
         if self.kernel == "euler":
             out = super().step_kernel(x, k, pred, state, prediction_type)
-            out.x0 = self.split(x, self.model_time(k), pred, prediction_type)[0]
+            out.x1_hat = self.split(x, self.model_time(k), pred, prediction_type)[0]
             return out
         t, u = self.ts[k], self.ts[k + 1]
         x1, eps = self.split(x, self.model_time(k), pred, prediction_type)
@@ -204,7 +204,7 @@ class GaussianPathProcess(Process):
         var = (self.noise_scale**2) * (b_u**2 * c2 / b_t**2 if b_t > 0 else 0.0)
         mean = a_u * x1 + math.sqrt(max(b_u**2 - var, 0.0)) * eps
         std = torch.as_tensor(math.sqrt(var), dtype=x.dtype, device=x.device)
-        return StepOutput(mean=mean, std=std, x0=x1)
+        return StepOutput(mean=mean, std=std, x1_hat=x1)
 
     # ---- continuous view ------------------------------------------------------------------
     def eta(self, t: float) -> float:

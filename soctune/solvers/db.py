@@ -38,13 +38,13 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from ..models.base import Denoiser
+from ..models.base import Denoiser, index_batch
 from ..registry import SoctuneError
 from ..sde.base import Process
-from ..trajectory import Trajectory
+from ..trajectory import Trajectory, model_step
 from .base import FinetuneContext, LossOutput, Solver, register_solver
-from .nabla_db import (FlowNet, GammaSpec, anchor_loss, check_transitions, index_batch, make_gamma, pred_step,
-                       rollout_for_training, subsample_transitions, terminal_index, terminal_map)
+from .nabla_db import (FlowNet, GammaSpec, anchor_loss, check_transitions, make_gamma, rollout_for_training,
+                       subsample_transitions, terminal_index, terminal_map)
 
 
 @register_solver("db", "Gradient-free detailed balance with a scalar flow: variant dag-db (fixed noising P_B) or residual-db")
@@ -132,9 +132,9 @@ class DetailedBalance(Solver):
                 state = index_batch(traj.states[k], idx, traj.batch_size)
                 if self.lookahead_model == "base":
                     with ctx.model.base():
-                        x1 = pred_step(ctx.process, ctx.model, x, k, cond, state)[1].x0
+                        x1 = model_step(ctx.process, ctx.model, x, k, cond, state).x1_hat
                 else:
-                    x1 = pred_step(ctx.process, ctx.model, x, k, cond, state)[1].x0
+                    x1 = model_step(ctx.process, ctx.model, x, k, cond, state).x1_hat
                 if x1 is None:
                     x1 = x
             return self.reward_scale * gam * ctx.reward(x1.detach(), cond).float().to(x.dtype)
@@ -158,14 +158,14 @@ class DetailedBalance(Solver):
         state = index_batch(traj.states[k], idx, B)
         std = traj.stds[k].to(x.dtype)
         with torch.enable_grad():
-            _, out = pred_step(process, model, x, k, cond, state)
+            out = model_step(process, model, x, k, cond, state)
             logp_ft = Process.log_prob(x_next, out.mean, std)
-        x1_k = out.x0.detach() if (out.x0 is not None and self.lookahead_model == "finetuned") else None
+        x1_k = out.x1_hat.detach() if (out.x1_hat is not None and self.lookahead_model == "finetuned") else None
         if self.variant == "residual-db":
             with torch.no_grad(), model.base():
-                out_b = pred_step(process, model, x, k, cond, state)[1]
-            if self.lookahead_model == "base" and out_b.x0 is not None:
-                x1_k = out_b.x0
+                out_b = model_step(process, model, x, k, cond, state)
+            if self.lookahead_model == "base" and out_b.x1_hat is not None:
+                x1_k = out_b.x1_hat
             logp_ref = self.prior_strength * Process.log_prob(x_next, out_b.mean, std)
         else:
             logp_ref = self.backward_log_prob(process, traj, k, x, x_next)

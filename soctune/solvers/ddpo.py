@@ -28,6 +28,7 @@ from typing import Any, Hashable, Iterator
 import torch
 from torch import Tensor
 
+from ..models.base import index_batch
 from ..registry import SoctuneError
 from ..sde.base import Process
 from ..trajectory import GradSpec, Trajectory, model_step, rollout
@@ -157,13 +158,12 @@ class DDPOSolver(Solver):
                  adv: Tensor, old_logp: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Clipped surrogate averaged over ``steps`` and the minibatch ``idx`` [b];
         adv [B], old_logp [K, B]. Returns (loss, metrics incl. ratio and clip statistics)."""
-        cond = _index_cond(traj.cond, idx, traj.batch_size)
+        cond = index_batch(traj.cond, idx, traj.batch_size)
         a = adv[idx]
         total = torch.zeros((), device=traj.xs.device)
         unclipped_sum, clipfrac, approx_kl, ratio_dev = 0.0, 0.0, 0.0, 0.0
         for k in steps:
-            state = {key: (v[idx] if v.dim() >= 1 and v.shape[0] == traj.batch_size else v)
-                     for key, v in traj.states[k].items()}
+            state = index_batch(traj.states[k], idx, traj.batch_size)
             out = model_step(process, model, traj.xs[k][idx], k, cond, state)
             logp = Process.log_prob(traj.xs[k + 1][idx], out.mean, traj.stds[k])
             logp = logp / traj.xs[k + 1][0].numel() if self.logprob_reduction == "mean" else logp
@@ -223,14 +223,3 @@ def _condition_keys(cond: Any, b: int) -> list[Hashable] | None:
             return None
         return [tuple(p[i] for p in parts) for i in range(b)]  # type: ignore[index]
     return None
-
-
-def _index_cond(cond: Any, idx: Tensor, b: int) -> Any:
-    """Select the minibatch ``idx`` from batch-leading conditioning (tensors, lists, dicts)."""
-    if isinstance(cond, dict):
-        return {k: _index_cond(v, idx, b) for k, v in cond.items()}
-    if isinstance(cond, Tensor) and cond.dim() >= 1 and cond.shape[0] == b:
-        return cond[idx.to(cond.device)]
-    if isinstance(cond, (list, tuple)) and len(cond) == b:
-        return type(cond)([cond[int(i)] for i in idx])
-    return cond

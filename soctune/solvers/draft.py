@@ -19,7 +19,7 @@ at which state the reward is read:
   remaining step is the deterministic final jump to x̂₁, exactly the paper's setting.
 * **ReFL** (``variant="refl"``): roll out without gradient to a random late step
   k ~ U{k_min, …, k_max−1}, take that one step with gradient and score the data estimate
-  x̂₁ it predicts (``traj.x0_final``), not the final sample.
+  x̂₁ it predicts (``traj.x1_hat_final``), not the final sample.
 
 Loss = −λ·mean_b r_b + kl_weight·mean_b Σ_{k∈D, s_k>0} ‖m_θ(x_k) − m_base(x_k)‖²/(2 s_k²)
        + output_reg_weight·mean_b Σ_{k∈D} ‖pred_θ(x_k) − pred_base(x_k)‖²,
@@ -37,13 +37,13 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import torch
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import Tensor
 
-from ..models.base import Denoiser
+from ..models.base import Denoiser, index_batch
 from ..registry import SoctuneError
-from ..sde.base import Process, StepOutput
-from ..trajectory import GradSpec, rollout
+from ..sde.base import Process
+from ..trajectory import GradSpec, model_step, rollout
 from .base import FinetuneContext, LossOutput, Solver, _probe_stds, register_solver
 
 
@@ -90,11 +90,11 @@ class DraftSolver(Solver):
         if self.variant == "refl":
             lo, _ = self.refl_range(process)
             try:  # probe the kernel with a zero prediction: does it expose x̂₁?
-                has_x0 = process.step_kernel(torch.zeros(1, 1), lo, torch.zeros(1, 1), process.init_state(),
-                                             process.accepts[0]).x0 is not None
+                has_x1_hat = process.step_kernel(torch.zeros(1, 1), lo, torch.zeros(1, 1), process.init_state(),
+                                                 process.accepts[0]).x1_hat is not None
             except Exception:  # a kernel that needs a real prediction: decided at the first iteration
-                has_x0 = True
-            if not has_x0:
+                has_x1_hat = True
+            if not has_x1_hat:
                 raise SoctuneError(f"ReFL scores the data estimate x̂₁, which process '{process.registered_name}' "
                                    "does not provide; use variant='draft'")
         if self.lv_samples:
@@ -158,10 +158,10 @@ class DraftSolver(Solver):
         stop = int(torch.randint(lo, hi, (1,), generator=ctx.generator, device=ctx.generator.device))
         traj = rollout(p, ctx.model, batch_size=ctx.batch_size, sample_shape=ctx.sample_shape, cond=cond,
                        generator=ctx.generator, grad=GradSpec.last(1), stop_at=stop + 1, device=ctx.device)
-        if traj.x0_final is None:
+        if traj.x1_hat_final is None:
             raise SoctuneError(f"ReFL needs the data estimate x̂₁, which process '{p.registered_name}' does not "
                                "provide; use variant='draft'")
-        reward = ctx.reward(traj.x0_final, cond)
+        reward = ctx.reward(traj.x1_hat_final, cond)
         diff = [_DiffStep(stop, traj.xs[stop], traj.states[stop], cond, float(traj.stds[stop]))] \
             if self._regularised else []
         return reward, diff, {"stop_step": float(stop)}
@@ -177,13 +177,14 @@ class DraftSolver(Solver):
         xi = torch.randn((n, *traj.means[j].shape), generator=ctx.generator, device=traj.xs.device,
                          dtype=traj.xs.dtype)
         x = rearrange(traj.means[j][None] + traj.stds[j] * xi, "n b ... -> (n b) ...")
-        cond_n = _repeat_batch(cond, n, b)
-        state = {key: _repeat_batch(v, n, b) for key, v in traj.states[j + 1].items()}
+        tile = torch.arange(n * b, device=traj.xs.device) % b  # n copies of the batch, laid out as (n b)
+        cond_n = index_batch(cond, tile, b)
+        state = index_batch(traj.states[j + 1], tile, b)
         diff: list[_DiffStep] = []
         for k in range(j + 1, p.num_steps):
             if self._regularised:
                 diff.append(_DiffStep(k, x.detach(), {key: v.detach() for key, v in state.items()}, cond_n, -1.0))
-            out = _model_step(p, model, x, k, cond_n, state)[1]
+            out = model_step(p, model, x, k, cond_n, state)
             if self._regularised:
                 diff[-1].std = float(out.std)
             if float(out.std) > 0:
@@ -207,10 +208,11 @@ class DraftSolver(Solver):
         kl = torch.zeros((), device=ctx.device)
         out_reg = torch.zeros((), device=ctx.device)
         for st in steps:
-            pred, out = _model_step(ctx.process, ctx.model, st.x, st.k, st.cond, st.state)
+            out = model_step(ctx.process, ctx.model, st.x, st.k, st.cond, st.state)
             with torch.no_grad(), ctx.model.base():
-                pred_b, out_b = _model_step(ctx.process, ctx.model, st.x, st.k, st.cond, st.state)
-            out_reg = out_reg + (pred - pred_b).pow(2).flatten(1).sum(1).mean()
+                out_b = model_step(ctx.process, ctx.model, st.x, st.k, st.cond, st.state)
+            assert out.pred is not None and out_b.pred is not None
+            out_reg = out_reg + (out.pred - out_b.pred).pow(2).flatten(1).sum(1).mean()
             if st.std > 0:
                 kl = kl + ((out.mean - out_b.mean).pow(2).flatten(1).sum(1) / (2 * st.std**2)).mean()
         return kl, out_reg
@@ -225,15 +227,6 @@ class _DiffStep:
         self.k, self.x, self.state, self.cond, self.std = k, x, state, cond, std
 
 
-def _model_step(process: Process, model: Denoiser, x: Tensor, k: int, cond: Any,
-                state: dict[str, Tensor]) -> tuple[Tensor, StepOutput]:
-    """``trajectory.model_step`` that also returns the raw prediction [B,*S] (for the output
-    regulariser): pred = model(x_k, t_k, cond), then the process's kernel."""
-    tb = torch.full((x.shape[0],), process.model_time(k), dtype=x.dtype, device=x.device)
-    pred = model(x, tb, cond)
-    return pred, process.step_kernel(x, k, pred, state, model.prediction_type)
-
-
 def _parse_k(k: int | str) -> tuple[bool, int]:
     if isinstance(k, str):
         if k.strip().lower() == "all":
@@ -246,14 +239,3 @@ def _parse_k(k: int | str) -> tuple[bool, int]:
         raise SoctuneError(f"draft k must be ≥ 1 (or 'all'), got {k}")
     return False, int(k)
 
-
-def _repeat_batch(c: Any, n: int, b: int) -> Any:
-    """Tile a batch-leading object n times as (n b): tensors with leading dim B, lists of length
-    B, dicts of those; anything else (None, a shared embedding) passes through."""
-    if isinstance(c, dict):
-        return {key: _repeat_batch(v, n, b) for key, v in c.items()}
-    if isinstance(c, Tensor) and c.dim() >= 1 and c.shape[0] == b:
-        return repeat(c, "b ... -> (n b) ...", n=n)
-    if isinstance(c, (list, tuple)) and len(c) == b:
-        return type(c)(list(c) * n)
-    return c

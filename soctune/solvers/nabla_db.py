@@ -85,10 +85,10 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..models.base import CorrectionNet, Denoiser, FourierTimeEmbedding
+from ..models.base import CorrectionNet, Denoiser, FourierTimeEmbedding, index_batch
 from ..registry import SoctuneError
-from ..sde.base import Process, StepOutput
-from ..trajectory import Trajectory, prediction_coefficients, rollout
+from ..sde.base import Process
+from ..trajectory import Trajectory, model_step, prediction_coefficients, rollout
 from .base import FinetuneContext, LossOutput, Solver, register_solver
 
 GammaSpec = str | Callable[[float], float]
@@ -233,29 +233,6 @@ def make_gamma(process: Process, spec: GammaSpec) -> Callable[[float], float]:
     return (lambda t: alpha(t) ** 2) if spec == "alpha2" else alpha
 
 
-def index_batch(obj: Any, idx: Tensor, batch: int) -> Any:
-    """Select rows ``idx`` of a batched object (tensor with leading dim B, dict, list/tuple of
-    length B); anything else (None, shared tensors) passes unchanged."""
-    if obj is None:
-        return None
-    if isinstance(obj, Tensor):
-        return obj[idx] if obj.ndim > 0 and obj.shape[0] == batch else obj
-    if isinstance(obj, dict):
-        return {k: index_batch(v, idx, batch) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) and len(obj) == batch:
-        return type(obj)(obj[int(i)] for i in idx)
-    return obj
-
-
-def pred_step(process: Process, model: Denoiser, x: Tensor, k: int, cond: Any,
-              state: dict[str, Tensor]) -> tuple[Tensor, StepOutput]:
-    """(prediction [B,*S], step kernel) at (x_k, t_k): :func:`soctune.trajectory.model_step`
-    that also returns the raw prediction (the output regulariser needs it)."""
-    tb = torch.full((x.shape[0],), process.model_time(k), dtype=x.dtype, device=x.device)
-    pred = model(x, tb, cond)
-    return pred, process.step_kernel(x, k, pred, state, model.prediction_type)
-
-
 def terminal_index(traj: Trajectory) -> int:
     """T = 1 + the last stochastic step; raise if a deterministic step precedes a stochastic one."""
     stoch = traj.stochastic_steps()
@@ -274,7 +251,7 @@ def terminal_map(process: Process, model: Denoiser, traj: Trajectory, x: Tensor,
     with model.base():
         for j in range(T, traj.num_steps):
             state = index_batch(traj.states[j], idx, traj.batch_size)
-            x = pred_step(process, model, x, j, cond, state)[1].mean
+            x = model_step(process, model, x, j, cond, state).mean
     return x
 
 
@@ -285,8 +262,8 @@ def anchor_loss(process: Process, model: Denoiser, traj: Trajectory, T: int, con
         x = traj.xs[j][idx]
         state = index_batch(traj.states[j], idx, traj.batch_size)
         with torch.no_grad(), model.base():
-            ref = pred_step(process, model, x, j, cond, state)[0]
-        pred = pred_step(process, model, x, j, cond, state)[0]
+            ref = model_step(process, model, x, j, cond, state).pred
+        pred = model_step(process, model, x, j, cond, state).pred
         terms.append((pred - ref).pow(2).mean())
     return torch.stack(terms).mean() if terms else torch.zeros((), device=traj.xs.device)
 
@@ -424,9 +401,9 @@ class NablaDB(Solver):
         with torch.enable_grad():
             if self.lookahead_model == "base":
                 with model.base():
-                    x1 = pred_step(ctx.process, model, x, k, cond, state)[1].x0
+                    x1 = model_step(ctx.process, model, x, k, cond, state).x1_hat
             else:
-                x1 = pred_step(ctx.process, model, x, k, cond, state)[1].x0
+                x1 = model_step(ctx.process, model, x, k, cond, state).x1_hat
             if x1 is None:  # process without a data estimate: the state itself
                 x1 = x
             r = ctx.reward(x1, cond).float()
@@ -476,18 +453,18 @@ class NablaDB(Solver):
         std = traj.stds[k].to(x.dtype)
         res: dict[str, Tensor] = {}
         with torch.enable_grad():
-            pred, out = pred_step(process, model, x, k, cond, state)
-            res["pred"] = pred
+            out = model_step(process, model, x, k, cond, state)
+            res["pred"] = out.pred
             if reverse:
                 res["reverse"] = reverse_score(x_next, out.mean, std, x, retain_graph=True,
                                                create_graph=self.reverse_trains_policy)
             if lookahead:  # ∇r(x̂₁(x_k)) through the graph we already have
-                x1 = out.x0 if out.x0 is not None else x
+                x1 = out.x1_hat if out.x1_hat is not None else x
                 (rg,) = torch.autograd.grad(ctx.reward(x1, cond).float().sum(), x, retain_graph=True)
                 res["reward_grad"] = rg.detach()
             xb = x.detach().requires_grad_(reverse)
             with model.base():
-                m_b = pred_step(process, model, xb, k, cond, state)[1].mean
+                m_b = model_step(process, model, xb, k, cond, state).mean
             if reverse:
                 res["reverse"] = res["reverse"] - eta * reverse_score(x_next, m_b, std, xb)
         res["forward"] = forward_score(x_next, out.mean, std) - eta * forward_score(x_next, m_b.detach(), std)
@@ -527,10 +504,10 @@ class NablaDB(Solver):
         state = index_batch(traj.states[k], idx, traj.batch_size)
         reward_grad = None
         with torch.enable_grad(), ctx.model.base():
-            out = pred_step(ctx.process, ctx.model, x, k, cond, state)[1]
+            out = model_step(ctx.process, ctx.model, x, k, cond, state)
             (g,) = torch.autograd.grad(out.mean, x, grad_outputs=score_next.detach(), retain_graph=lookahead)
             if lookahead:
-                x1 = out.x0 if out.x0 is not None else x
+                x1 = out.x1_hat if out.x1_hat is not None else x
                 (reward_grad,) = torch.autograd.grad(ctx.reward(x1, cond).float().sum(), x)
         return g.detach(), None if reward_grad is None else reward_grad.detach()
 
@@ -567,7 +544,7 @@ class NablaDB(Solver):
         if use_reg:  # the rollout iterate's predictions, stored before any update
             with torch.no_grad():
                 for k in sorted(set().union(*ks_per_step)):
-                    refs[k] = pred_step(ctx.process, ctx.model, traj.xs[k], k, cond_all, traj.states[k])[0]
+                    refs[k] = model_step(ctx.process, ctx.model, traj.xs[k], k, cond_all, traj.states[k]).pred
         base_metrics = {"reward_mean": float(reward.mean()), "reward_std": float(reward.std(unbiased=False)),
                         "num_transitions": float(len(ks_per_step[0]))}
         for idx, ks in zip(chunks, ks_per_step):
