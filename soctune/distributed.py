@@ -77,13 +77,28 @@ def batch_shard(start: int, stop: int, total: int) -> Iterator[BatchShard]:
 
 
 def current_shard(batch_size: int | None = None) -> BatchShard | None:
-    """The active shard, if any and (when given) if its size matches ``batch_size``."""
+    """The active shard for a draw of ``batch_size`` samples (None outside :func:`batch_shard`
+    or when one shard is the whole batch).
+
+    A draw of the shard's own size gets the shard. A draw of n ≠ b samples (a solver sampling a
+    second, differently sized batch) is the same shard of a global batch drawn n per shard:
+    shard i of the equal-size split owns rows [i·n, (i+1)·n) of total/b·n, so its noise still
+    depends only on the global sample index. Shards of unequal size have no such rescaling and
+    raise a one-line :class:`SoctuneError` rather than silently drawing unsharded noise (every
+    rank would then draw the same samples).
+    """
     shard = _SHARD.get()
     if shard is None or shard.total == shard.size:
         return None
-    if batch_size is not None and int(batch_size) != shard.size:
-        return None
-    return shard
+    if batch_size is None or int(batch_size) == shard.size:
+        return shard
+    n, b = int(batch_size), shard.size
+    if shard.total % b or shard.start % b:
+        raise SoctuneError(f"a draw of {n} samples inside batch shard rows [{shard.start}, {shard.stop}) of "
+                           f"{shard.total}: shards of unequal size cannot be rescaled; draw {b} samples (the "
+                           "shard's size) or split the global batch into equal shards")
+    index = shard.start // b
+    return BatchShard(index * n, (index + 1) * n, shard.total // b * n)
 
 
 def sharded_cond_sampler(cond_sampler: Callable[[int, torch.Generator], Any] | None

@@ -25,9 +25,9 @@ from torch import Tensor
 
 from discrete_optimum import DiscreteOptimumPolicy, solve_coordinate
 from soctune import finetune
+from soctune.metrics import sliced_wasserstein
 from soctune.models.base import CorrectedDenoiser, Denoiser
-from soctune.models.gmm import (GaussianMixture, GaussianMixtureDenoiser, mixture_weights_by_nearest_mean,
-                                sliced_wasserstein, two_mode_mixture)
+from soctune.models.gmm import GaussianMixture, GaussianMixtureDenoiser, mixture_weights_by_nearest_mean, two_mode_mixture
 from soctune.rewards.base import LinearReward, QuadraticReward
 from soctune.sde import get_process
 from soctune.trajectory import model_step, rollout, step_prediction_coefficient

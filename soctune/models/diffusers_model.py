@@ -33,6 +33,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..io import one_line_reason
 from ..registry import SoctuneError
 from . import lora as _lora
 from .base import ClassifierFreeGuidance, Denoiser, _expand_cond, index_batch
@@ -58,11 +59,6 @@ def _map_tensors(c: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(c, Tensor):
         return fn(c)
     return c
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 # ------------------------------------------------------------------------------ denoiser
@@ -183,10 +179,24 @@ class DiffusersDenoiser(Denoiser):
             out = self.network(hidden_states=h, timestep=ts, return_dict=False, **kwargs)[0]
         else:
             out = self.network(h, ts, return_dict=False, **kwargs)[0]
-        if out.shape[1] == 2 * x.shape[1]:  # learned-variance models: [prediction, variance]
-            out = out[:, : x.shape[1]]
-        out = out.to(x.dtype)
+        out = self._prediction_channels(out, x.shape[1]).to(x.dtype)
         return -out if self.kind == "flow" else out
+
+    def _prediction_channels(self, out: Tensor, c: int) -> Tensor:
+        """The prediction's C channels of a network output [B, C', ...]: C' = C, or C' = 2C when the
+        scheduler config declares a learned variance (``variance_type`` learned / learned_range,
+        output [prediction, variance] as diffusers' schedulers split it). Any other C' is a
+        one-line error — cutting channels without the config saying so would silently use a
+        wrong prediction."""
+        if out.shape[1] == c:
+            return out
+        variance = self.scheduler_config.get("variance_type")
+        if out.shape[1] == 2 * c and variance in ("learned", "learned_range"):
+            return out[:, :c]
+        raise SoctuneError(
+            f"the network outputs {out.shape[1]} channels for a {c}-channel input, but the scheduler config's "
+            f"variance_type is {variance!r}; only variance_type 'learned'/'learned_range' explains {2 * c} "
+            f"(prediction + variance): fix the scheduler config or use a network with out_channels={c}")
 
     def _flux_forward(self, h: Tensor, sigma: Tensor, kwargs: dict[str, Any]) -> Tensor:
         """Flux works on 2×2-patch token sequences: pack [B,C,H,W] -> [B,(H/2)(W/2),4C]."""
@@ -371,7 +381,7 @@ class LoadedModel:
         except SoctuneError:
             raise
         except Exception as exc:  # noqa: BLE001 — surface as one line
-            raise SoctuneError(f"encoding prompts with {name} failed ({_one_line(exc)}); check the text encoder "
+            raise SoctuneError(f"encoding prompts with {name} failed ({one_line_reason(exc)}); check the text encoder "
                                "and tokenizer folders") from None
         dtype, dev = self.denoiser.dtype, self.device
         return TextCond(_map_tensors(out, lambda v: v.to(dev, dtype) if v.is_floating_point() else v.to(dev)),
@@ -461,7 +471,7 @@ class LoadedModel:
         except SoctuneError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise SoctuneError(f"cannot build process '{name}' for this model ({_one_line(exc)}); "
+            raise SoctuneError(f"cannot build process '{name}' for this model ({one_line_reason(exc)}); "
                                "check the process options") from None
         proc.check_model(self.model)
         self.denoiser.check_process(proc)
@@ -670,7 +680,7 @@ def _load_parts(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, dict[str, 
     except SoctuneError:
         raise
     except Exception as exc:  # noqa: BLE001 — corrupt/incomplete checkpoints: one line
-        raise SoctuneError(f"cannot load diffusers model from '{folder}' ({_one_line(exc)}); check the folder is a "
+        raise SoctuneError(f"cannot load diffusers model from '{folder}' ({one_line_reason(exc)}); check the folder is a "
                            "complete diffusers checkpoint") from None
     return network, scheduler_config, vae, pipe, pipeline_class
 

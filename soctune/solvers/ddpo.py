@@ -15,8 +15,12 @@ with the recorded x_k, x_{k+1} of the sampling pass (the mean recomputed through
 random ``step_fraction`` of them per minibatch. Advantages are normalised, so the result does
 not depend on λ (accepted for a uniform interface; it only scales the loss).
 
-``logprob_reduction="mean"`` averages the log-density over the state's dimensions instead of
-summing it, as ddpo-pytorch does for images (tamer ratios; the exact likelihood ratio is "sum").
+``logprob_reduction="mean"`` (the default) averages the log-density over the state's D
+dimensions, as the DDPO paper's code (ddpo-pytorch) and flow_grpo do, with their clip_range 1e-4:
+the ratio is then the D-th root of the exact likelihood ratio. ``"sum"`` is the exact ratio, but
+its log grows with D, so after one update nearly every latent sample's ratio leaves [1 − 1e-4,
+1 + 1e-4] and the surrogate is clipped almost everywhere (no gradient): with "sum" use a much wider
+clip_range (e.g. 0.2, as the GMM benchmarks do).
 """
 
 from __future__ import annotations
@@ -92,7 +96,8 @@ class DDPOSolver(Solver):
         stat_buffer_size, stat_min_count: the per-condition tracker's buffer length and the
             count below which the batch statistics are used.
         step_fraction: share of the stochastic steps trained on per minibatch (random subset).
-        logprob_reduction: ``"sum"`` (exact density) or ``"mean"`` over the state dimensions.
+        logprob_reduction: ``"mean"`` over the state dimensions (default, the paper's setting
+            for clip_range 1e-4) or ``"sum"`` (the exact density; needs a wider clip_range).
     """
 
     needs_stochastic = True
@@ -100,7 +105,7 @@ class DDPOSolver(Solver):
     def __init__(self, reward_scale: float = 1.0, inner_epochs: int = 1, minibatches: int = 1,
                  clip_range: float = 1e-4, adv_clip_max: float = 5.0, per_condition: bool = True,
                  stat_buffer_size: int = 32, stat_min_count: int = 16, step_fraction: float = 1.0,
-                 logprob_reduction: str = "sum") -> None:
+                 logprob_reduction: str = "mean") -> None:
         super().__init__(reward_scale)
         if int(inner_epochs) < 1 or int(minibatches) < 1:
             raise SoctuneError(f"inner_epochs and minibatches must be ≥ 1, got {inner_epochs}, {minibatches}")
@@ -166,7 +171,7 @@ class DDPOSolver(Solver):
             state = index_batch(traj.states[k], idx, traj.batch_size)
             out = model_step(process, model, traj.xs[k][idx], k, cond, state)
             logp = Process.log_prob(traj.xs[k + 1][idx], out.mean, traj.stds[k])
-            logp = logp / traj.xs[k + 1][0].numel() if self.logprob_reduction == "mean" else logp
+            logp = self._reduce(logp, traj)
             ratio = torch.exp(logp - old_logp[k, idx])
             unclipped = -a * ratio
             clipped = -a * ratio.clamp(1 - self.clip_range, 1 + self.clip_range)
@@ -186,9 +191,15 @@ class DDPOSolver(Solver):
         return logp / traj.xs[0, 0].numel() if self.logprob_reduction == "mean" else logp
 
     def extra_state(self) -> dict[str, Any]:
-        return {"stat_tracker": self.tracker.state()}
+        return {"stat_tracker": self.tracker.state(), "logprob_reduction": self.logprob_reduction}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        # the reduction sets the ratio's scale: resuming with the other one would change the run's
+        # objective mid-way (checkpoints written before it was recorded carry no entry: accepted)
+        saved = state.get("logprob_reduction", self.logprob_reduction)
+        if saved != self.logprob_reduction:
+            raise SoctuneError(f"the checkpoint was trained with ddpo logprob_reduction='{saved}', this run has "
+                               f"'{self.logprob_reduction}'; resume with solver.logprob_reduction={saved}")
         self.tracker.load_state(state.get("stat_tracker", []))
 
 
