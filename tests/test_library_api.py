@@ -113,6 +113,15 @@ def test_base_if_switches_between_base_and_finetuned() -> None:
         torch.testing.assert_close(Affine()(x, t), base)
 
 
+def test_switchable_denoiser_contexts_nest() -> None:
+    model = CorrectedDenoiser(ZeroDenoiser(), sample_shape=(2,))
+    with model.base():
+        with model.base():
+            assert not model._adapt
+        assert not model._adapt  # the inner exit restores the outer context's state
+    assert model._adapt
+
+
 # ------------------------------------------------------------------ 4. x̂₁ named as the data estimate
 def test_data_estimate_is_named_x1_hat() -> None:
     """``xs[0]`` is the noise x_0; the data estimate x̂₁ is ``x1_hats`` / ``x1_hat_final``: on DDPM the

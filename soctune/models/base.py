@@ -92,7 +92,25 @@ class CorrectionNet(nn.Module):
         return self.out(self.body(h))
 
 
-class CorrectedDenoiser(Denoiser):
+class SwitchableDenoiser(Denoiser):
+    """A denoiser whose whole adaptation is one switch: ``forward`` predicts with the base model
+    while ``self._adapt`` is False, and :meth:`base` turns it off for the context (restoring
+    the previous value, so contexts nest)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._adapt = True
+
+    @contextmanager
+    def base(self) -> Iterator[None]:
+        previous, self._adapt = self._adapt, False
+        try:
+            yield
+        finally:
+            self._adapt = previous
+
+
+class CorrectedDenoiser(SwitchableDenoiser):
     """An analytic or user model with a learnable additive correction:
     pred_θ(x, t) = pred_base(x, t) + c_φ(x, t). ``base()`` drops the correction.
 
@@ -135,7 +153,6 @@ class CorrectedDenoiser(Denoiser):
             p.requires_grad_(False)
         self.base_features = bool(base_features)
         self.correction = CorrectionNet(dim, context=dim if self.base_features else 0, **net_options)
-        self._adapt = True
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         out = self.base_model(x, t, cond)
@@ -144,14 +161,6 @@ class CorrectedDenoiser(Denoiser):
         flat = x.reshape(x.shape[0], -1)
         context = out.reshape(x.shape[0], -1) if self.base_features else None
         return out + self.correction(flat, t, context).reshape(x.shape)
-
-    @contextmanager
-    def base(self) -> Iterator[None]:
-        previous, self._adapt = self._adapt, False
-        try:
-            yield
-        finally:
-            self._adapt = previous
 
 
 class ZeroDenoiser(Denoiser):
