@@ -275,8 +275,9 @@ def sample(
         report = path / "summary.json"
         if report.exists():
             rep = json.loads(report.read_text())
-            shares = "  ".join(f"{c}: {100 * p:.0f}%" for c, p in enumerate(rep["class_shares"]))
-            console.print(f"digit classes (independent classifier): {shares}")
+            if "class_shares" in rep:
+                shares = "  ".join(f"{c}: {100 * p:.0f}%" for c, p in enumerate(rep["class_shares"]))
+                console.print(f"classes ({rep.get('evaluator')} evaluator): {shares}", highlight=False)
         console.print(f"wrote {path}/samples.npz and {path}/grid.png")
 
 
@@ -303,45 +304,39 @@ def evaluate(
     precision: str = typer.Option(None, "--precision", help="fp32, bf16 or fp16 (default: the run's)"),
 ) -> None:
     """Metrics of a fine-tuned run vs its base model on the same seeds (reward, diversity,
-    prior preservation, distance to the exact tilt)."""
-    import json
+    prior preservation, distance to the exact tilt), with the run's lora/ (or model/ for a full
+    fine-tuning run)."""
+    from soctune.run import evaluate_run
 
-    from soctune import config as cfgmod
-    from soctune.run import build, evaluate_pair
-    from soctune.trainer import make_accelerator
-
-    cfg_path = run / "config.yaml"
-    if not cfg_path.is_file():
-        raise SoctuneError(f"'{run}' is not a finetune output folder (no config.yaml); pass the --out of a run")
-    cfg = cfgmod.load_yaml(cfg_path)
-    cfg["train"] = {**(cfg.get("train") or {}), **{k: v for k, v in (("device", device), ("precision", precision))
-                                                   if v is not None}}
-    cfg = cfgmod.validate(cfg)
-    acc = make_accelerator(cfg["train"]["device"], cfg["train"]["precision"])
-    b = build(cfg, acc.device)
-    if (run / "lora").is_dir():
-        from soctune.models import lora as lora_mod
-
-        lora_mod.delete_lora(b.loaded, lora_mod.TRAIN_ADAPTER)
-        b.loaded.load_lora(run / "lora", adapter_name=lora_mod.TRAIN_ADAPTER)
-    summary, _, _ = evaluate_pair(b, n, seed, device=acc.device, autocast=acc.autocast)
+    summary, b = evaluate_run(run, n=n, seed=seed, device=device, precision=precision)
     console.print(_summary_table(summary, _tilt_target(b)))
-    (run / "evaluation.json").write_text(json.dumps(summary, indent=2))
     console.print(f"wrote {run}/evaluation.json")
 
 
-@app.command()
-def pretrain(
+@app.command("pretrain-digits")
+def pretrain_digits(
     out: Path = typer.Option(None, "--out", "-o", help="where to write the models (default: the package's shipped assets)"),
     seed: int = typer.Option(0, "--seed"),
     steps: int = typer.Option(2500, "--steps", help="training steps of each UNet"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the written paths"),
 ) -> None:
     """Reproduce the shipped digits models (DDPM ε-model, flow velocity model, classifier)."""
-    from soctune.models.digits import ASSETS_DIR, pretrain_all
+    import logging
 
+    from soctune.examples.digits import ASSETS_DIR
+    from soctune.examples.digits.pretrain import logger, pretrain_all
+
+    if not quiet:  # the library logs its progress; show it
+        from rich.logging import RichHandler
+
+        logger.addHandler(RichHandler(console=err_console, show_path=False, show_level=False))
+        logger.setLevel(logging.INFO)
     paths = pretrain_all(out or ASSETS_DIR, seed=seed, steps=steps)
     for kind, p in paths.items():
         console.print(f"{kind}: {p}")
+
+
+app.command("pretrain", hidden=True, help="Old name of pretrain-digits.")(pretrain_digits)
 
 
 @app.command("export")

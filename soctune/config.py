@@ -140,8 +140,17 @@ def defaults() -> dict[str, Any]:
     return cfg
 
 
+def _presets_dir() -> Path:
+    """Where the shipped YAML presets are: the repository's top-level ``configs/`` holds them,
+    and an installed wheel carries them as ``soctune/configs/`` (pyproject maps the package
+    ``soctune.configs`` onto that folder). A source checkout or an editable install has no
+    ``soctune/configs/``, so there the folder next to the package is the one."""
+    packaged = Path(__file__).parent / "configs"
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "configs"
+
+
 #: YAML presets shipped with the package (``--config NAME`` or a path)
-PRESETS_DIR = Path(__file__).parent / "configs"
+PRESETS_DIR = _presets_dir()
 
 
 def list_presets() -> dict[str, str]:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import config as cfgmod
 from .config import TrainConfig
-from .evaluation import compare, evaluate_samples, pixel_features, tilt_fidelity
+from .evaluation import Evaluator, compare, evaluate_samples, evaluator_for, tilt_fidelity
 from .io import (UnsafeOrCorruptStateError, append_jsonl, atomic_write_text, load_state, plot_curve, save_grid,
                  save_side_by_side, save_state)
 from .models.base import Denoiser, base_if, resolve_sample_shape
@@ -34,7 +34,8 @@ from .trainer import Float32Reward, NonFiniteError, Trainer, make_accelerator
 from .trajectory import RewardFn, rollout
 
 EventFn = Callable[[str, dict[str, Any]], None]
-DIGITS_DEFAULT = {"ddpm": "digits-ddpm", "dpmpp-sde": "digits-ddpm", "fm-memoryless": "digits-flow"}
+#: process -> the shipped model alias it samples by default
+DEFAULT_MODELS = {"ddpm": "digits-ddpm", "dpmpp-sde": "digits-ddpm", "fm-memoryless": "digits-flow"}
 CKPT_RE = re.compile(r"^ckpt-(\d{6})\.safetensors$")
 PICKLED_CKPT_RE = re.compile(r"^ckpt-(\d{6})\.(pt|pth|bin|pkl)$")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,12 +46,12 @@ def _noop(kind: str, payload: dict[str, Any]) -> None:
 
 
 def default_model_for(process_name: str) -> str:
-    """The shipped digits model matching a process (ε model for VP processes, velocity model
-    for flow processes)."""
-    if process_name in DIGITS_DEFAULT:
-        return DIGITS_DEFAULT[process_name]
+    """The shipped model matching a process (ε model for VP processes, velocity model for flow
+    processes)."""
+    if process_name in DEFAULT_MODELS:
+        return DEFAULT_MODELS[process_name]
     raise SoctuneError(f"process '{process_name}' has no shipped default model; pass --model PATH "
-                       f"(shipped defaults exist for {', '.join(DIGITS_DEFAULT)})")
+                       f"(shipped defaults exist for {', '.join(DEFAULT_MODELS)})")
 
 
 def frozen_dtype(cfg: dict[str, Any]) -> torch.dtype:
@@ -62,6 +63,10 @@ def frozen_dtype(cfg: dict[str, Any]) -> torch.dtype:
 
 @dataclass
 class Built:
+    """A run's parts. ``features``/``images`` map states [N, *S] to the evaluator's features
+    [N, D] / decoded images [N, C, H, W] (on the CPU); ``evaluator`` is the one the model folder
+    declares and ``target`` what it reads the reward as favouring (None: no target report)."""
+
     cfg: dict[str, Any]
     loaded: Any
     process: Process
@@ -69,14 +74,15 @@ class Built:
     reward: Any
     features: Callable[[Tensor], Tensor]
     images: Callable[[Tensor], Tensor]
-    target_class: int | None
+    evaluator: Evaluator
+    target: Any
     cond_sampler: Any
 
 
 def build(cfg: dict[str, Any], device: str | torch.device = "cpu") -> Built:
     """Model, process, solver and reward from a validated config, on ``device`` (one-line
     errors on misuse). The frozen weights are loaded in :func:`frozen_dtype`."""
-    from .models.diffusers_model import load_model
+    from .models.diffusers_model import load_model, resolve_model_path
 
     m = cfg["model"]
     proc_cfg = dict(cfg["process"])
@@ -97,31 +103,23 @@ def build(cfg: dict[str, Any], device: str | torch.device = "cpu") -> Built:
     if isinstance(raw_reward, torch.nn.Module):
         raw_reward = raw_reward.to(dev)
     reward = loaded.image_reward(raw_reward) if loaded.is_latent else raw_reward
-    target = _digit_target(cfg["reward"])
-    digits_like = tuple(loaded.sample_shape) == (1, 8, 8)
-    if digits_like:
-        from .models.digits import load_classifier
-
-        clf = load_classifier()
-
-        def features(x: Tensor) -> Tensor:
-            with torch.no_grad():
-                return clf.features(loaded.decode(x.to(dev)).cpu())
-    else:
-        def features(x: Tensor) -> Tensor:
-            with torch.no_grad():
-                return pixel_features(loaded.decode(x.to(dev))).cpu()
+    evaluator = evaluator_for(resolve_model_path(path))
 
     def images(x: Tensor) -> Tensor:
         with torch.no_grad():
-            return loaded.decode(x.to(dev)).cpu()
+            return loaded.decode(x.to(dev)).float().cpu()
+
+    def features(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return evaluator.features(images(x)).cpu()
 
     cond_sampler = loaded.cond_sampler(prompts) if prompts else None
     if cond_sampler is None and getattr(loaded.denoiser, "needs_cond", False):
         raise SoctuneError("this model is text/class-conditional; pass prompts with --prompts FILE (or --set "
                            "model.prompts='[\"a cat\"]')")
     loaded.release_text_encoders()  # the prompt set and the null prompt are encoded: free the accelerator
-    return Built(cfg, loaded, process, solver, reward, features, images, target if digits_like else None, cond_sampler)
+    return Built(cfg, loaded, process, solver, reward, features, images, evaluator, evaluator.target(cfg["reward"]),
+                 cond_sampler)
 
 
 def run_prompts(cfg: dict[str, Any]) -> list[str] | None:
@@ -137,18 +135,13 @@ def run_prompts(cfg: dict[str, Any]) -> list[str] | None:
 def gradient_checkpointing(cfg: dict[str, Any], path: str) -> bool:
     """``model.gradient_checkpointing``: auto = on for latent models (a ``vae/`` next to the
     network: the Stable Diffusion class, where activations dominate memory), off for small
-    pixel models (the digits UNet), where it only costs time."""
+    pixel models, where it only costs time."""
     v = str(cfg["model"]["gradient_checkpointing"]).lower()
     if v != "auto":
         return v == "true"
     from .models.diffusers_model import resolve_model_path
 
     return (resolve_model_path(path) / "vae" / "config.json").is_file()
-
-
-def _digit_target(spec: str) -> int | None:
-    name, _, arg = spec.partition(":")
-    return int(arg) if name == "digit" and arg.isdigit() else None
 
 
 def train_config(cfg: dict[str, Any]) -> TrainConfig:
@@ -190,8 +183,8 @@ def evaluate_pair(b: Built, n: int, seed: int, device: str | torch.device = "cpu
     xf, rf, _ = draw(b, n, seed, base=False, device=device, autocast=autocast)  # same seed: same prompts
     fb, ff = b.features(xb), b.features(xf)
     ib, i_f = b.images(xb), b.images(xf)
-    before = evaluate_samples(xb, rb, fb, target_class=b.target_class, images=ib)
-    after = evaluate_samples(xf, rf, ff, target_class=b.target_class, images=i_f)
+    before = evaluate_samples(xb, rb, fb, evaluator=b.evaluator, images=ib, target=b.target)
+    after = evaluate_samples(xf, rf, ff, evaluator=b.evaluator, images=i_f, target=b.target)
     summary = compare(before, after, ff, fb)
     prompts = [p for c in conds for p in (getattr(c, "prompts", None) or [])]
     if len(prompts) == n:
@@ -616,6 +609,64 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
 
 
+# ------------------------------------------------------------------------------- evaluate
+def load_trained(b: Built, run: str | Path) -> None:
+    """Put a finished run's trained weights into ``b`` (built from the run's config.yaml): the
+    LoRA of ``run/lora/``, or, for full fine-tuning (``model.full_finetune``), the whole network
+    saved in ``run/model/`` (safetensors only). The base stays the pretrained model (adapters
+    disabled, or the frozen copy full fine-tuning keeps), so base vs fine-tuned compares what
+    the run changed. A missing or mismatched folder is a one-line error, never an evaluation of
+    the untouched model."""
+    from safetensors.torch import load_file
+
+    rd = RunDir(run)
+    resume = f"resume it with `soctune finetune --config {rd.config} --out {rd.root} --resume`"
+    if not b.cfg["model"]["full_finetune"]:
+        if not (rd.lora / "pytorch_lora_weights.safetensors").is_file():
+            raise SoctuneError(f"'{rd.root}' has no lora/pytorch_lora_weights.safetensors (the run did not finish); "
+                               f"{resume}")
+        from .models import lora as lora_mod
+
+        lora_mod.delete_lora(b.loaded, lora_mod.TRAIN_ADAPTER)  # build() added a fresh adapter under that name
+        b.loaded.load_lora(rd.lora, adapter_name=lora_mod.TRAIN_ADAPTER)
+        return
+    shards = sorted((rd.root / "model").glob("*.safetensors"))  # save_pretrained may shard a large network
+    if not shards:
+        raise SoctuneError(f"'{rd.root}' is a full fine-tuning run (model.full_finetune) without model/*.safetensors "
+                           f"(the run did not finish); {resume}")
+    state: dict[str, Tensor] = {}
+    for shard in shards:
+        state.update(load_file(str(shard)))
+    try:
+        b.loaded.network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:160]
+        raise SoctuneError(f"{rd.root / 'model'} does not fit the run's model ({detail}); evaluate the run with the "
+                           "config.yaml it wrote") from None
+
+
+def evaluate_run(run: str | Path, n: int = 256, seed: int = 1234, device: str | None = None,
+                 precision: str | None = None) -> tuple[dict[str, Any], Built]:
+    """Base vs fine-tuned of a finished ``finetune`` output folder on the same ``seed`` (what
+    ``soctune evaluate`` calls): rebuilt from its config.yaml (``device``/``precision``
+    override the run's), its trained weights loaded by :func:`load_trained`, ``n`` samples
+    each. Writes ``run/evaluation.json``; returns the summary (as in summary.json) and the
+    built parts."""
+    rd = RunDir(run)
+    if not rd.config.is_file():
+        raise SoctuneError(f"'{rd.root}' is not a finetune output folder (no config.yaml); pass the --out of a run")
+    cfg = cfgmod.load_yaml(rd.config)
+    overrides = {k: v for k, v in (("device", device), ("precision", precision)) if v is not None}
+    cfg["train"] = {**(cfg.get("train") or {}), **overrides}
+    cfg = cfgmod.validate(cfg)
+    acc = make_accelerator(cfg["train"]["device"], cfg["train"]["precision"])
+    b = build(cfg, acc.device)
+    load_trained(b, rd.root)
+    summary, _, _ = evaluate_pair(b, n, seed, device=acc.device, autocast=acc.autocast)
+    atomic_write_text(rd.root / "evaluation.json", json.dumps(summary, indent=2))
+    return summary, b
+
+
 # ------------------------------------------------------------------------------- sample
 def sample_run(*, model: str | None, process: str, loras: list[tuple[str, float]], num_steps: int,
                noise_scale: float | None, n: int, seed: int, out: str | Path, prompts: list[str] | None = None,
@@ -624,8 +675,10 @@ def sample_run(*, model: str | None, process: str, loras: list[tuple[str, float]
     """Sample ``n`` states with optional LoRAs (each with a scale; several are mixed) and write
     ``samples.npz`` (key ``x``: float32 [N, C, H, W] images in [−1, 1]) and ``grid.png``.
     ``noise_scale=0`` solves the probability-flow ODE with torchdiffeq. Sampled on ``device``
-    with the network under ``precision``'s autocast (the frozen weights in that dtype)."""
-    from .models.diffusers_model import load_model
+    with the network under ``precision``'s autocast (the frozen weights in that dtype). Where the
+    model folder's evaluator reports on samples (e.g. class shares), ``summary.json`` holds
+    ``{"n", "evaluator", **its report}``."""
+    from .models.diffusers_model import load_model, resolve_model_path
     from .sde.gaussian import GaussianPathProcess, sample_ode
 
     acc = make_accelerator(device, precision)
@@ -670,23 +723,9 @@ def sample_run(*, model: str | None, process: str, loras: list[tuple[str, float]
     np.savez(tmp, x=images.numpy().astype(np.float32))
     os.replace(tmp, outp / "samples.npz")
     save_grid(images[:256], outp / "grid.png")
-    if images.shape[1:] == (1, 8, 8):
-        atomic_write_text(outp / "summary.json", json.dumps(digit_report(images), indent=2))
+    evaluator = evaluator_for(resolve_model_path(path))
+    report = evaluator.report(images, evaluator.features(images))
+    if report:  # the generic evaluator reports nothing beyond the files
+        atomic_write_text(outp / "summary.json", json.dumps(
+            {"n": int(images.shape[0]), "evaluator": evaluator.registered_name, **report}, indent=2))
     return outp
-
-
-def digit_report(images: Tensor) -> dict[str, Any]:
-    """What a digits sample set holds, judged by the independent pixel classifier
-    (:func:`~soctune.evaluation.digit_probabilities`, not the reward's CNN): images [N, 1, 8, 8]
-    -> class counts and shares [10], mean confidence, and per class the pixel spread (mean
-    pairwise L2 distance among that class's samples, 0 if fewer than 2)."""
-    from .evaluation import digit_probabilities
-    from .metrics import diversity
-
-    probs = digit_probabilities(images)
-    labels = probs.argmax(1)
-    counts = torch.bincount(labels, minlength=10)
-    spread = [diversity(images[labels == c].flatten(1)) if int(counts[c]) > 1 else 0.0 for c in range(10)]
-    return {"n": int(images.shape[0]), "class_counts": counts.tolist(),
-            "class_shares": (counts.double() / images.shape[0]).tolist(),
-            "confidence": float(probs.max(1).values.mean()), "class_spread_pixels": spread}
