@@ -297,7 +297,7 @@ def _run_defaults(loras: list[tuple[str, float]], model: str | None, process: st
 
 @app.command()
 def evaluate(
-    run: Path = typer.Argument(..., help="a finetune output folder (uses its config.yaml and lora/)"),
+    run: Path = typer.Argument(..., help="a finetune output folder (uses its config.yaml and lora/, or model/ after full fine-tuning)"),
     n: int = typer.Option(256, "--n", help="samples per model"),
     seed: int = typer.Option(1234, "--seed"),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: the run's)"),

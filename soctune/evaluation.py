@@ -91,7 +91,8 @@ def evaluator_for(model_dir: str | Path | None) -> Evaluator:
     try:
         decl = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SoctuneError(f"{path} is not valid JSON ({exc}); write {{\"evaluator\": \"NAME\"}} or delete it") from None
+        raise SoctuneError(f"{path} is not valid JSON ({exc}); write {{\"evaluator\": \"NAME\"}} or delete "
+                           "it") from None
     name = decl.get("evaluator", "generic") if isinstance(decl, dict) else None
     if not isinstance(name, str):
         raise SoctuneError(f"{path} must hold {{\"evaluator\": \"NAME\"}} with NAME a registered evaluator "
