@@ -151,9 +151,17 @@ def test_presets_live_in_configs_and_ship_in_the_package():
 
 @pytest.mark.slow
 def test_a_wheel_carries_the_presets_and_the_digits_family(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path)], check=True, capture_output=True, timeout=600)
+    import shutil
     import zipfile
+
+    src = tmp_path / "src"  # a copy: building in the checkout would leave build/ behind
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for name in ("soctune", "cli", "configs"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path)], check=True, capture_output=True, timeout=600)
 
     names = set(zipfile.ZipFile(next(tmp_path.glob("soctune-*.whl"))).namelist())
     assert {f"soctune/configs/{p.name}" for p in (ROOT / "configs").glob("*.yaml")} <= names
