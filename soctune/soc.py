@@ -1,0 +1,212 @@
+"""Stochastic-optimal-control metrics of a model on its process's discrete chain.
+
+A fine-tuned chain x_{k+1} = m_θ(x_k) + s_k ξ_k differs from the base chain only through its step
+means, so each stochastic step carries the control (in units of the step's noise)
+
+    u_k = (m_θ(x_k) − m_base(x_k)) / s_k,
+
+whose KL cost is ½‖u_k‖². For a continuous SDE dX = (b + σu)dt + σdW discretised by
+Euler–Maruyama, u_k = √Δt_k·u(x_k, t_k), so u_k/√Δt_k is the control in the SDE's units.
+
+* :func:`soc_cost`: J = E[Σ_k ½‖u_k‖² + Σ_k Δt_k f(x_k, t_k) − λ r(x_K)] on the model's own rollouts;
+* :func:`soc_lower_bound`: J*_K = −log E_base[exp(λ r(x_K) − Σ_k Δt_k f(x_k, t_k))], the least J any
+  control of this K-step chain reaches (Donsker–Varadhan), by Monte Carlo over base rollouts;
+* :func:`control_l2_error`: E[Σ_k ‖u_k/√Δt_k − u*(x_k, t_k)‖² Δt_k] on rollouts of the learned control
+  against a known optimal control u*, and the same ratio for the zero control.
+
+A running state cost f enters only for processes that declare one (``has_running_cost = True``
+and ``running_cost(x [B,*S], t) -> [B]``, e.g. :mod:`soctune.problems`); f is evaluated at the left
+end of each step, as the discrete adjoint sees it.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from .models.base import Denoiser
+from .registry import SoctuneError
+from .sde.base import Process
+from .trajectory import Trajectory, model_step, rollout
+
+RewardFn = Callable[[Tensor, Any], Tensor]
+#: u*(x [B, *S], t) -> [B, *S], the optimal control in the SDE's units
+ControlFn = Callable[[Tensor, float], Tensor]
+
+#: samples per rollout chunk (bounds memory: K+1 states of this many samples at a time)
+CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class ControlL2Error:
+    """E[Σ_k ‖u_k/√Δt_k − u*(x_k, t_k)‖² Δt_k] (``error``, with its standard error ``error_se``), the
+    same for the zero control on the same states (``zero_error`` = E[Σ_k ‖u*‖² Δt_k]), and
+    ``relative`` = error / zero_error (0: the optimum; 1: no better than u = 0).
+    ``relative_rms`` = √relative, the ratio of root-mean-square errors."""
+
+    error: float
+    error_se: float
+    zero_error: float
+    relative: float
+
+    @property
+    def relative_rms(self) -> float:
+        return math.sqrt(self.relative)
+
+
+class ControlFunctionModel(Denoiser):
+    """A control given as a function, as a model for the ``control`` processes
+    (:class:`~soctune.sde.euler_maruyama.EulerMaruyama`): forward(x [B,*S], t [B]) = u(x, t_0) in x's
+    dtype (the whole batch is at one time, as in every rollout); ``base()`` is the zero control.
+    Use it to evaluate a known control (e.g. a problem's ``optimal_control``) with these metrics."""
+
+    prediction_type = "control"
+
+    def __init__(self, control: ControlFn) -> None:
+        super().__init__()
+        self.control = control
+        self._adapt = True
+
+    def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        if not self._adapt:
+            return torch.zeros_like(x)
+        return self.control(x, float(t.reshape(-1)[0])).to(x.dtype)
+
+    @contextmanager
+    def base(self) -> Iterator[None]:
+        previous, self._adapt = self._adapt, False
+        try:
+            yield
+        finally:
+            self._adapt = previous
+
+
+def _check(n: int, reward_scale: float | None = None) -> None:
+    if int(n) < 2:
+        raise SoctuneError(f"n must be ≥ 2 samples (a standard error needs two), got {n}")
+    if reward_scale is not None and not math.isfinite(reward_scale):
+        raise SoctuneError(f"reward_scale must be a finite number, got {reward_scale}")
+
+
+def _chunks(n: int) -> list[int]:
+    return [min(CHUNK, n - i) for i in range(0, int(n), CHUNK)]
+
+
+def step_controls(process: Process, model: Denoiser, traj: Trajectory, cond: Any = None) -> dict[int, Tensor]:
+    """u_k = (m_θ(x_k) − m_base(x_k)) / s_k on every stochastic step k of a rollout of ``model``:
+    {k: [B, *S]} (m_θ is the rollout's recorded mean; m_base one base forward per step)."""
+    out: dict[int, Tensor] = {}
+    with torch.no_grad(), model.base():
+        for k in traj.stochastic_steps():
+            m_base = model_step(process, model, traj.xs[k], k, cond, traj.states[k]).mean
+            out[k] = (traj.means[k] - m_base) / traj.stds[k]
+    return out
+
+
+def running_costs(process: Process, traj: Trajectory) -> Tensor:
+    """Σ_k Δt_k f(x_k, t_k) per sample, [B] float64 (zeros for a process without a running cost)."""
+    total = torch.zeros(traj.batch_size, dtype=torch.float64, device=traj.xs.device)
+    if not getattr(process, "has_running_cost", False):
+        return total
+    for k in range(traj.num_steps):
+        dt = float(traj.ts[k + 1] - traj.ts[k])
+        total += dt * process.running_cost(traj.xs[k], float(traj.ts[k])).double()  # type: ignore[attr-defined]
+    return total
+
+
+def _reward(reward: RewardFn, x: Tensor, cond: Any) -> Tensor:
+    r = reward(x.float(), cond)
+    if r.shape != (x.shape[0],):
+        raise SoctuneError(f"the reward must return one value per sample [B]={x.shape[0]}, got {tuple(r.shape)}")
+    return r.double()
+
+
+def _mean_se(values: Tensor) -> tuple[float, float]:
+    return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
+
+
+@torch.no_grad()
+def soc_cost(process: Process, model: Denoiser, reward: RewardFn, reward_scale: float, n: int,
+             generator: torch.Generator, *, sample_shape: tuple[int, ...], cond: Any = None) -> tuple[float, float]:
+    """J = E[Σ_k ½‖u_k‖² + Σ_k Δt_k f(x_k, t_k) − λ r(x_K)] over n rollouts of ``model``, and its standard error.
+
+    Args:
+        process, model: the chain and the (fine-tuned) model; the base is ``with model.base()``.
+        reward: r(x [B,*S], cond) -> [B]. reward_scale: λ.
+        n: rollouts (drawn in chunks of :data:`CHUNK`). generator: their randomness.
+        sample_shape: S.
+    Returns:
+        (J, s.e. of J) in nats.
+    """
+    _check(n, reward_scale)
+    totals = []
+    for b in _chunks(n):
+        traj = rollout(process, model, batch_size=b, sample_shape=sample_shape, cond=cond, generator=generator)
+        cost = running_costs(process, traj) - reward_scale * _reward(reward, traj.xs[-1], cond)
+        for u in step_controls(process, model, traj, cond).values():
+            cost += 0.5 * u.flatten(1).double().pow(2).sum(1)
+        totals.append(cost)
+    return _mean_se(torch.cat(totals))
+
+
+@torch.no_grad()
+def soc_lower_bound(process: Process, model: Denoiser, reward: RewardFn, reward_scale: float, n: int,
+                    generator: torch.Generator, *, sample_shape: tuple[int, ...], cond: Any = None
+                    ) -> tuple[float, float]:
+    """J*_K = −log E_base[exp(ℓ)], ℓ = λ r(x_K) − Σ_k Δt_k f(x_k, t_k), over n rollouts of the BASE chain
+    (``model`` with its adaptation off), and the delta-method standard error
+    s.e. = sd(e^{ℓ_i})/(√n·mean(e^{ℓ_i})), computed with logsumexp.
+
+    Every control of the K-step chain has J ≥ J*_K (equality for the tilted path measure); the
+    estimate is biased upwards by about s.e.²/2 and is only trustworthy while the s.e. is small.
+
+    Returns:
+        (J*_K, s.e.) in nats.
+    """
+    _check(n, reward_scale)
+    logs = []
+    with model.base():
+        for b in _chunks(n):
+            traj = rollout(process, model, batch_size=b, sample_shape=sample_shape, cond=cond, generator=generator)
+            logs.append(reward_scale * _reward(reward, traj.xs[-1], cond) - running_costs(process, traj))
+    ell = torch.cat(logs)
+    log_mean = torch.logsumexp(ell, 0) - math.log(ell.numel())
+    rel = torch.exp(ell - log_mean)  # e^{ℓ_i} / mean e^{ℓ}
+    return float(-log_mean), float(rel.std() / math.sqrt(ell.numel()))
+
+
+@torch.no_grad()
+def control_l2_error(process: Process, model: Denoiser, optimal_control: ControlFn, n: int,
+                     generator: torch.Generator, *, sample_shape: tuple[int, ...], cond: Any = None) -> ControlL2Error:
+    """The control L2 error on n rollouts of the learned control (SOC-matching's metric):
+
+        error = E[Σ_k ‖u_k/√Δt_k − u*(x_k, t_k)‖² Δt_k],   zero_error = E[Σ_k ‖u*(x_k, t_k)‖² Δt_k],
+
+    over the stochastic steps, with u_k = (m_θ − m_base)/s_k (so u_k/√Δt_k is the control in the SDE's
+    units for an Euler–Maruyama chain) and u*(x [B,*S], t) -> [B,*S] the continuous-time optimal control
+    at the step's left end. Both sums are over the same states, so ``relative`` = error / zero_error
+    is 1 for the zero control and 0 for the optimum.
+    """
+    _check(n)
+    errs, zeros = [], []
+    for b in _chunks(n):
+        traj = rollout(process, model, batch_size=b, sample_shape=sample_shape, cond=cond, generator=generator)
+        err = torch.zeros(b, dtype=torch.float64, device=traj.xs.device)
+        zero = torch.zeros_like(err)
+        for k, u in step_controls(process, model, traj, cond).items():
+            dt = float(traj.ts[k + 1] - traj.ts[k])
+            u_star = optimal_control(traj.xs[k], float(traj.ts[k])).double().reshape(u.shape)
+            err += dt * (u.double() / math.sqrt(dt) - u_star).flatten(1).pow(2).sum(1)
+            zero += dt * u_star.flatten(1).pow(2).sum(1)
+        errs.append(err)
+        zeros.append(zero)
+    error, error_se = _mean_se(torch.cat(errs))
+    zero_error = float(torch.cat(zeros).mean())
+    if zero_error <= 0:
+        raise SoctuneError("the optimal control is zero on every visited state: the relative error is undefined")
+    return ControlL2Error(error, error_se, zero_error, error / zero_error)
