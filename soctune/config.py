@@ -72,7 +72,7 @@ class TrainConfig:
 
     iters: int = _opt(40, "training iterations", lambda v: v >= 1)
     batch_size: int = _opt(32, "trajectories per iteration (global, over all processes)", lambda v: v >= 1)
-    lr: float = _opt(1e-3, "learning rate", lambda v: 0 < v < math.inf)
+    lr: float = _opt(3e-4, "learning rate (a model folder may declare its own in soctune.json)", lambda v: 0 < v < math.inf)
     weight_decay: float = _opt(0.0, "AdamW weight decay", lambda v: 0 <= v < math.inf)
     grad_clip: float = _opt(1.0, "max gradient norm (0 = off)", lambda v: 0 <= v < math.inf)
     seed: int = _opt(0, "random seed")
@@ -162,15 +162,8 @@ def list_presets() -> dict[str, str]:
     return out
 
 
-def preset_for(process: str, solver: str) -> str | None:
-    """The recommended digits preset of a (process, solver) pair, ``digits-{process}-{solver}``,
-    if one is shipped (the hyper-parameters the headline commands use)."""
-    name = f"digits-{process}-{solver}"
-    return name if (PRESETS_DIR / f"{name}.yaml").is_file() else None
-
-
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A config file, or a shipped preset by name (``digits-ddpm-nabla-db``)."""
+    """A config file, or a shipped preset by name (``paper-adjoint-matching``)."""
     p = Path(path)
     if not p.is_file() and (PRESETS_DIR / f"{path}.yaml").is_file():
         p = PRESETS_DIR / f"{path}.yaml"
@@ -188,12 +181,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def resolve(config: str | Path | dict[str, Any] | None = None, flags: dict[str, Any] | None = None,
             sets: list[str] | tuple[str, ...] = (), extra_layers: list[dict[str, Any]] = ()) -> dict[str, Any]:
-    """The validated run config: defaults ← preset ← ``config`` ← ``flags`` ← ``sets``.
+    """The validated run config: defaults ← the model folder's declared defaults
+    (:func:`model_defaults`) ← ``config`` (a file or preset) ← ``flags`` ← ``sets``.
 
     flags: ``{"section.key": value}`` (None = not given; ``"reward"`` has no section).
-    Without a ``config`` file and with the shipped default model, the recommended preset of
-    the chosen (process, solver) pair (:func:`preset_for`) supplies the hyper-parameters, so
-    ``soctune finetune --process ddpm --solver nabla-db`` runs with settings that work."""
+    The defaults are the same for every (process, solver) pair: the solvers' own constructor
+    defaults (measured on every pair, benchmarks/pairs.py) and :class:`TrainConfig`; a model folder
+    may declare its own training defaults (the shipped digits models: their learning rate)."""
     layers: list[dict[str, Any]] = []
     if config is not None:
         layers.append(copy.deepcopy(config) if isinstance(config, dict) else load_yaml(config))
@@ -207,13 +201,57 @@ def resolve(config: str | Path | dict[str, Any] | None = None, flags: dict[str, 
     cfg = defaults()
     for layer in layers:
         cfg = merge(cfg, layer)
-    if config is None and not cfg["model"].get("path"):
-        preset = preset_for(str(cfg["process"].get("name")), str(cfg["solver"].get("name")))
-        if preset is not None:
-            cfg = merge(defaults(), load_yaml(preset))
-            for layer in layers:
-                cfg = merge(cfg, layer)
+    declared = model_defaults(cfg)
+    if declared:  # the model's own defaults sit under everything the user gave
+        cfg = merge(defaults(), declared)
+        for layer in layers:
+            cfg = merge(cfg, layer)
     return validate(cfg)
+
+
+#: sections a model folder's ``soctune.json`` may give defaults for (hyper-parameters that belong to
+#: the model, e.g. a learning rate for its adapter's scale)
+MODEL_DEFAULT_SECTIONS = ("train", "eval")
+
+
+def model_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The defaults a model folder declares in its ``soctune.json`` next to its evaluator, e.g.
+    ``{"evaluator": "digits", "train": {"lr": 0.01}}``: a layer between soctune's defaults and
+    anything the user gives (preset, config file, flags, ``--set``). Read as JSON, never executed.
+    Only :data:`MODEL_DEFAULT_SECTIONS` and their known keys are accepted (one-line error naming the
+    file). A model that cannot be found here gives no layer: loading it reports the problem."""
+    import json
+
+    from .evaluation import EVALUATOR_FILE
+
+    path = cfg["model"].get("path")
+    try:
+        if not path:
+            from .run import default_model_for
+
+            path = default_model_for(str(cfg["process"].get("name")))
+        from .models.diffusers_model import resolve_model_path
+
+        folder = resolve_model_path(path)
+    except SoctuneError:
+        return {}
+    file = Path(folder) / EVALUATOR_FILE
+    if not file.is_file():
+        return {}
+    try:
+        decl = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SoctuneError(f"{file} is not valid JSON ({exc})") from None
+    out: dict[str, Any] = {}
+    for sec in MODEL_DEFAULT_SECTIONS:
+        values = decl.get(sec) if isinstance(decl, dict) else None
+        if values is None:
+            continue
+        if not isinstance(values, dict) or set(values) - set(SCHEMA[sec]):
+            raise SoctuneError(f"{file}: '{sec}' must map keys of the {sec} section "
+                               f"({', '.join(SCHEMA[sec])}) to values")
+        out[sec] = values
+    return out
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -176,6 +176,7 @@ def test_basic_adjoint_is_the_cost_to_go_gradient(name: str) -> None:
 @pytest.mark.parametrize("name", _gaussian_processes())
 @pytest.mark.parametrize("options", [
     {},
+    {"estimator": "pathwise"},
     {"variant": "basic", "num_loss_steps": 4, "num_last_steps": 2, "loss_clip": 5.0, "reward_grad_clip": 0.5},
     {"step_weighting": "prediction"},
 ])
@@ -190,7 +191,9 @@ def test_two_iterations_are_finite(name: str, options: dict[str, Any]) -> None:
     history = ft.train()
     assert len(history) == 2
     for m in history:
-        for key in ("loss", "reward_mean", "reward_std", "soc_cost", "control_cost", "adjoint_norm", "grad_norm"):
+        pathwise = solver.estimator_for((2,)) == "pathwise"
+        for key in ("loss", "reward_mean", "reward_std", "soc_cost", "control_cost", "grad_norm") + (
+                ("adjoint_norm",) if pathwise else ()):
             assert math.isfinite(m[key]), (key, m)
         assert m["updates"] == 1.0
     assert history[0]["control_cost"] == 0.0  # the zero-initialised correction is the base model
@@ -284,6 +287,45 @@ def test_non_memoryless_process_warns(process_name: str, options: dict[str, Any]
         Trainer(process, model, AdjointMatching(), LinearReward((1.0, 0.0)), (2,), TrainConfig(iters=1))
 
 
+def test_fixed_start_user_sde_does_not_warn_and_warnings_point_at_the_caller() -> None:
+    """X_0 fixed (prior_std = 0) is independent of X_1: the chain is memoryless, AM's samples are
+    the tilt, no warning. A warning that does fire is attributed to the user's line, not to
+    soctune's internals."""
+    model: Denoiser = CorrectedDenoiser(ZeroDenoiser(), 2, hidden=16, depth=1)
+    fixed = get_process("euler-maruyama", num_steps=5, prior_std=0.0)
+    assert fixed.memoryless
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(fixed, model, AdjointMatching(), LinearReward((1.0, 0.0)), (2,), TrainConfig(iters=1))
+    with pytest.warns(UserWarning, match="NOT the reward tilt") as record:
+        Trainer(get_process("euler-maruyama", num_steps=5), model, AdjointMatching(), LinearReward((1.0, 0.0)),
+                (2,), TrainConfig(iters=1))
+    assert record[0].filename == __file__
+
+
+def test_auto_options_follow_the_model_and_the_state_size() -> None:
+    """``estimator="auto"``: the score target on small states, the pathwise adjoint on images or
+    with an adjoint-only option; ``step_weighting="auto"``: control units for a control-units
+    model, prediction units otherwise."""
+    from soctune.models.control import ControlGainDenoiser
+    from soctune.solvers.base import control_units
+
+    am = AdjointMatching()
+    assert am.estimator_for((2,)) == "score" and am.estimator_for((1, 8, 8)) == "pathwise"
+    assert AdjointMatching(bootstrap=0.2).estimator_for((2,)) == "pathwise"
+    assert AdjointMatching(estimator="pathwise").estimator_for((2,)) == "pathwise"
+    process = get_process("fm-memoryless", num_steps=6)
+    plain = _gmm_model(process)
+    gain = ControlGainDenoiser(plain.base_model, process, (2,), hidden=8, depth=1)
+    assert not control_units(plain) and control_units(gain)
+    with torch.no_grad():
+        traj = rollout(process, plain, batch_size=2, sample_shape=(2,), generator=torch.Generator().manual_seed(0))
+    ks = traj.stochastic_steps()
+    assert set(am.step_weights(process, gain, traj, ks).values()) == {1.0}
+    assert am.step_weights(process, plain, traj, ks) == AdjointMatching(step_weighting="prediction").step_weights(
+        process, plain, traj, ks)
+
+
 def test_bad_options_are_one_line_errors() -> None:
     for opts in ({"variant": "fancy"}, {"num_loss_steps": 0}, {"num_loss_steps": 2, "num_last_steps": 3},
                  {"loss_clip": -1.0}, {"step_weighting": "snr"}, {"estimator": "mc"},
@@ -304,7 +346,7 @@ def test_linear_soc_problem_recovers_the_constant_optimal_control() -> None:
     torch.manual_seed(0)
     model = CorrectedDenoiser(ZeroDenoiser(), 2, hidden=32, depth=2)
     ft = Trainer(process, model, AdjointMatching(reward_scale=lam), LinearReward(a), (2,),
-                   TrainConfig(iters=60, batch_size=64, lr=1e-2, seed=0))
+                   TrainConfig(iters=150, batch_size=256, lr=1e-2, seed=0))
     ft.train()
     u_star = sigma * lam * a
     with torch.no_grad():
@@ -312,24 +354,28 @@ def test_linear_soc_problem_recovers_the_constant_optimal_control() -> None:
         sq = [(model(traj.xs[k], torch.full((512,), process.model_time(k))) - u_star).pow(2).sum(1).mean()
               for k in range(process.num_steps)]
     rel_l2 = float(torch.stack(sq).mean().sqrt()) / float(u_star.norm())
-    # relative L2 error of the learned control along fine-tuned paths: 0.019-0.026 over seeds 0-4
-    assert rel_l2 < 0.06, rel_l2
+    # relative L2 error of the learned control along fine-tuned paths, seeds 0-4 (150 iterations of
+    # 256): 0.051-0.092 with the default estimator (the score target on these 2-D states); the pathwise
+    # adjoint, exact and noise-free on a linear reward, reaches 0.004-0.005 (estimator="pathwise")
+    assert rel_l2 < 0.12, rel_l2
     j_star = -0.5 * lam**2 * sigma**2 * float(a.pow(2).sum())
     j = sum(h["soc_cost"] for h in ft.history[-20:]) / 20
-    # |J − J*| measured ≤ 0.043 over seeds 0-4; the 20-iteration mean of λr has sd ≈ 0.04
+    # |J − J*| measured ≤ 0.026 over seeds 0-4; the 20-iteration mean of λr has sd ≈ 0.04
     assert abs(j - j_star) < 0.15, (j, j_star)
 
 
-def test_step_by_step_backward_is_the_same_update() -> None:
+@pytest.mark.parametrize("estimator, atol", [("pathwise", 1e-6), ("score", 1e-4)])
+def test_step_by_step_backward_is_the_same_update(estimator: str, atol: float) -> None:
     """Without loss_clip the loss is backpropagated one step at a time (graph freed per step, memory
     flat in K) and stepped once; a huge loss_clip takes the single-graph path with scale 1. Same
-    seed -> the same update up to float summation order (measured max |Δ| 1.5e-8)."""
+    seed -> the same update up to float summation order (measured max |Δ| 1.5e-8 pathwise, 1.1e-5
+    with the score target, whose per-sample targets are larger)."""
     process = get_process("fm-memoryless", num_steps=8)
     params = []
     for clip in (0.0, 1e30):
         torch.manual_seed(0)
         model = _gmm_model(process)
-        solver = get_solver("adjoint-matching", reward_scale=1.0, loss_clip=clip)
+        solver = get_solver("adjoint-matching", reward_scale=1.0, loss_clip=clip, estimator=estimator)
         ft = Trainer(process, model, solver, LinearReward((0.5, 0.0)), (2,),
                        TrainConfig(iters=2, batch_size=16, lr=1e-2, seed=0))
         hist = ft.train()
@@ -337,5 +383,5 @@ def test_step_by_step_backward_is_the_same_update() -> None:
         params.append(([p.detach().clone() for p in model.trainable_parameters()], hist))
     (pa, ha), (pb, hb) = params
     for a, b in zip(pa, pb):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=0, atol=atol)
     assert ha[-1]["loss"] == pytest.approx(hb[-1]["loss"], rel=1e-5)

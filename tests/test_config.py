@@ -16,19 +16,42 @@ def test_every_shipped_preset_validates(name):
     assert cfgmod.list_presets()[name], "each preset starts with a one-line description comment"
 
 
-def test_pair_preset_applies_without_config_and_flags_win():
-    raw = cfgmod.load_yaml("digits-ddpm-nabla-db")
-    cfg = cfgmod.resolve(None, {"process.name": "ddpm", "solver.name": "nabla-db"})
-    assert cfg["solver"] == raw["solver"]
-    assert cfg["train"]["lr"] == raw["train"]["lr"]
+def test_every_pair_gets_the_same_defaults_and_flags_win():
+    """No per-pair preset is applied behind the user's back: a pair's config is the shared
+    defaults (the solver's own constructor defaults, measured on every pair by
+    benchmarks/pairs.py) plus what the user gave."""
+    for process in ("ddpm", "dpmpp-sde", "fm-memoryless"):
+        for solver in ("nabla-db", "adjoint-matching", "draft"):
+            cfg = cfgmod.resolve(None, {"process.name": process, "solver.name": solver})
+            assert cfg["solver"] == {"name": solver}
+            # the shipped digits models declare their learning rate (soctune.json), nothing else
+            assert cfg["train"] == {**cfgmod.defaults()["train"], "lr": 0.01}
     cfg = cfgmod.resolve(None, {"process.name": "ddpm", "solver.name": "nabla-db", "train.lr": 0.5},
                          ["solver.lambda=3"])
-    assert cfg["train"]["lr"] == 0.5 and cfg["solver"]["reward_scale"] == 3
-    # a pair without a preset gets the generic defaults; a user model disables presets
-    assert cfgmod.preset_for("dpmpp-sde", "draft") is None
-    assert cfgmod.resolve(None, {"process.name": "dpmpp-sde", "solver.name": "draft"})["solver"] == {"name": "draft"}
-    cfg = cfgmod.resolve(None, {"process.name": "ddpm", "solver.name": "nabla-db", "model.path": "/some/model"})
-    assert cfg["solver"] == {"name": "nabla-db"}
+    assert cfg["train"]["lr"] == 0.5 and cfg["solver"] == {"name": "nabla-db", "reward_scale": 3}
+
+
+def test_a_model_folder_declares_its_training_defaults_under_the_users(tmp_path):
+    """soctune.json's train/eval sections are a layer between soctune's defaults and everything the
+    user gives; unknown keys or sections are one-line errors naming the file."""
+    import json
+    import shutil
+
+    from soctune.examples.digits import shipped_model_path
+
+    model = tmp_path / "model"
+    shutil.copytree(shipped_model_path("ddpm"), model)
+    (model / "soctune.json").write_text(json.dumps({"evaluator": "digits", "train": {"lr": 0.02, "iters": 7},
+                                                    "eval": {"n_samples": 16}}))
+    cfg = cfgmod.resolve(None, {"model.path": str(model), "process.name": "ddpm"})
+    assert (cfg["train"]["lr"], cfg["train"]["iters"], cfg["eval"]["n_samples"]) == (0.02, 7, 16)
+    cfg = cfgmod.resolve(None, {"model.path": str(model), "process.name": "ddpm", "train.iters": 3})
+    assert (cfg["train"]["lr"], cfg["train"]["iters"]) == (0.02, 3)
+    (model / "soctune.json").unlink()
+    assert cfgmod.resolve(None, {"model.path": str(model)})["train"] == cfgmod.defaults()["train"]
+    (model / "soctune.json").write_text(json.dumps({"train": {"learning_rate": 0.1}}))
+    with pytest.raises(SoctuneError, match="soctune.json.*'train' must map keys of the train section"):
+        cfgmod.resolve(None, {"model.path": str(model)})
 
 
 def test_config_file_replaces_the_preset(tmp_path):
@@ -39,5 +62,5 @@ def test_config_file_replaces_the_preset(tmp_path):
 
 
 def test_unknown_config_names_the_presets():
-    with pytest.raises(SoctuneError, match="digits-ddpm-nabla-db"):
+    with pytest.raises(SoctuneError, match="paper-adjoint-matching"):
         cfgmod.resolve("no-such-preset")

@@ -35,6 +35,9 @@ class Denoiser(nn.Module):
     #: (D,), a correction network's); ``None`` when it takes any shape. ``soctune.finetune``
     #: reads it, so the shape is given once.
     sample_shape: tuple[int, ...] | None = None
+    #: True when the trainable part outputs the per-step control u_k itself (not a prediction
+    #: correction): solvers' ``step_weighting="auto"`` then regresses in control units.
+    control_units: bool = False
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError

@@ -169,6 +169,7 @@ class GaussianMixtureDenoiser(Denoiser):
     def __init__(self, gmm: GaussianMixture, process: Any, prediction_type: str = "epsilon") -> None:
         super().__init__()
         self.gmm = gmm
+        self.sample_shape = (gmm.dim,)  # the state is the mixture's point: wrappers and finetune read it
         self.schedule = process.schedule
         self.prediction_type = prediction_type
 

@@ -42,7 +42,8 @@ class EulerMaruyama(Process):
         num_steps: K (uniform grid on [0, 1]).
         params: the subclass's declared parameters (see :meth:`Process.declared_params`).
         prior_std: x_0 ~ N(prior_mean, prior_std² I); 0 gives a fixed start.
-        memoryless: declare that X_0 and X_1 are independent under the base process.
+        memoryless: declare that X_0 and X_1 are independent under the base process (implied
+            by a fixed start, prior_std = 0).
     """
 
     accepts = ("control", "drift")
@@ -55,7 +56,8 @@ class EulerMaruyama(Process):
         self._drift_fn = drift
         self._sigma = diffusion
         self.prior_mean, self.prior_std = float(prior_mean), float(prior_std)
-        self.memoryless = bool(memoryless)  # type: ignore[misc]
+        # a fixed start (prior_std = 0) is independent of X_1 whatever the dynamics
+        self.memoryless = bool(memoryless) or self.prior_std == 0.0  # type: ignore[misc]
         super().__init__(num_steps, **params)
 
     def prior(self, shape, generator=None, device=None, dtype=torch.float32) -> Tensor:  # type: ignore[override]

@@ -111,6 +111,17 @@ class Solver(nn.Module):
         pass
 
 
+def control_units(model: Denoiser) -> bool:
+    """Whether the model's trainable part outputs the per-step control itself
+    (:attr:`Denoiser.control_units`, e.g. :class:`~soctune.models.control.ControlGainDenoiser`)
+    rather than a correction of the prediction (LoRA on a diffusers network, a plain
+    :class:`~soctune.models.base.CorrectedDenoiser`). Solvers' ``step_weighting="auto"`` weighs
+    each step's regression in these units, the ones in which the network's targets are O(1) at
+    every step: a uniform weight in the wrong units lets the steps whose gain s_k/|c_k| is
+    largest (or smallest) dominate the gradient by orders of magnitude."""
+    return bool(getattr(model, "control_units", False) or getattr(model.unguided(), "control_units", False))
+
+
 def _probe_stds(process: Process) -> list[float]:
     """Per-step stds of a process, independent of the model (probe with a zero prediction)."""
     stds = []

@@ -25,7 +25,7 @@ The flow score is parameterised forward-looking,
     ∇ log F̃(x_k) = λ γ_k ∇_{x_k} r(x̂₁(x_k)) + g_φ(x_k, t_k),
 
 with x̂₁ the model's data estimate at (x_k, t_k), γ_k ∈ [0, 1] rising to 1 at the data end
-(default α_t², i.e. ᾱ on a VP schedule, the reference code's "squared" mode) and g_φ a small
+(default 1; the paper's reference code uses α_t², i.e. ᾱ on a VP schedule) and g_φ a small
 network shaped like the data, zero-initialised, owned by the solver. The reward gradient is a
 constant target (no second-order terms), as in the reference implementation.
 
@@ -89,7 +89,7 @@ from ..models.base import CorrectionNet, Denoiser, FourierTimeEmbedding, index_b
 from ..registry import SoctuneError
 from ..sde.base import Process
 from ..trajectory import Trajectory, model_step, prediction_coefficients, rollout
-from .base import FinetuneContext, LossOutput, Solver, register_solver
+from .base import FinetuneContext, LossOutput, Solver, control_units, register_solver
 
 GammaSpec = str | Callable[[float], float]
 
@@ -309,19 +309,23 @@ class NablaDB(Solver):
         reg_weight: w_R, output regularisation towards the rollout iterate's predictions
             (active only with ``inner_steps`` > 1).
         inner_steps: optimiser updates per rollout, on disjoint minibatches of it.
-        gamma: forward-looking weight γ(t): ``"alpha2"`` (α_t², default), ``"alpha"``, ``"one"``,
-            ``"zero"`` or a callable.
-        lookahead_model: ``"finetuned"`` (the reference code) or ``"base"``: which model's x̂₁
-            enters the forward-looking term r(x̂₁(x_k)).
+        gamma: forward-looking weight γ(t): ``"one"`` (default), ``"alpha2"`` (α_t², the
+            reference code's), ``"alpha"``, ``"zero"`` or a callable.
+        lookahead_model: ``"base"`` (default) or ``"finetuned"`` (the reference code): which
+            model's x̂₁ enters the forward-looking term r(x̂₁(x_k)).
         no_flow: drop g_φ (flow score = forward-looking term only); the reverse term then has
             nothing to train and is skipped unless ``reverse_trains_policy``.
         reverse_trains_policy: backpropagate the reverse term into θ (a second-order graph).
-        reverse_target: the reverse term's target for the flow score ∇log F̃(x_k): ``"policy"``
+        reverse_target: the reverse term's target for the flow score ∇log F̃(x_k): ``"auto"``
+            (default: ``"chain"``, or ``"policy"`` with ``no_flow`` / ``reverse_trains_policy``), ``"policy"``
             (the paper: minus the policy's reverse residual; the forward term trains g_φ too) or
             ``"chain"``: J_bᵀ ∇log F̃(x_{k+1}) (module docstring) — g_φ learns from the flow one
             step later instead of from the current policy, the forward term trains θ only, and
             the reverse term is not weighted by ``step_weighting``.
-        step_weighting: ``"none"`` (plain ∇-DB), ``"variance"``: weight step k by s_k², which
+        step_weighting: ``"auto"`` (default): ``"variance"`` for a model whose correction outputs
+            the control (:class:`~soctune.models.control.ControlGainDenoiser`), ``"prediction"``
+            otherwise (LoRA, prediction corrections; see :func:`~soctune.solvers.base.control_units`);
+            ``"none"`` (plain ∇-DB), ``"variance"``: weight step k by s_k², which
             puts the forward term in control units ‖u_k − s_k∇log F̃‖² (u_k = (m_θ − m_base)/s_k)
             instead of letting the smallest-noise steps dominate by 1/s_k², or ``"prediction"``:
             weight (s_k²/c_k)², c_k = ∂m_k/∂pred, i.e. prediction units
@@ -340,9 +344,9 @@ class NablaDB(Solver):
     def __init__(self, reward_scale: float = 1.0, prior_strength: float = 1.0, transitions: float | int = 0.25,
                  stratified: bool = True, forward_weight: float = 1.0, reverse_weight: float = 1.0,
                  terminal_weight: float = 1.0, anchor_weight: float = 1.0, reg_weight: float = 0.0,
-                 inner_steps: int = 1, gamma: GammaSpec = "alpha2", lookahead_model: str = "finetuned",
-                 no_flow: bool = False, reverse_trains_policy: bool = False, reverse_target: str = "policy",
-                 step_weighting: str = "none",
+                 inner_steps: int = 1, gamma: GammaSpec = "one", lookahead_model: str = "base",
+                 no_flow: bool = False, reverse_trains_policy: bool = False, reverse_target: str = "auto",
+                 step_weighting: str = "auto",
                  flow_net: str = "auto", flow_hidden: int | None = None, flow_depth: int = 2,
                  flow_time_features: int = 8, flow_scale: float = 1.0, flow_warmup: int = 0) -> None:
         super().__init__(reward_scale)
@@ -358,8 +362,8 @@ class NablaDB(Solver):
             raise SoctuneError(f"inner_steps must be ≥ 1, got {inner_steps}")
         if lookahead_model not in ("finetuned", "base"):
             raise SoctuneError(f"lookahead_model must be 'finetuned' or 'base', got '{lookahead_model}'")
-        if step_weighting not in ("none", "variance", "prediction"):
-            raise SoctuneError(f"step_weighting must be 'none', 'variance' or 'prediction', got '{step_weighting}'")
+        if step_weighting not in ("auto", "none", "variance", "prediction"):
+            raise SoctuneError(f"step_weighting must be 'auto', 'none', 'variance' or 'prediction', got '{step_weighting}'")
         if not callable(gamma) and gamma not in ("alpha2", "alpha", "one", "zero"):
             raise SoctuneError(f"gamma must be 'alpha2', 'alpha', 'one', 'zero' or a callable, got '{gamma}'")
         self.prior_strength = float(prior_strength)
@@ -370,8 +374,10 @@ class NablaDB(Solver):
         self.reg_weight, self.inner_steps = float(reg_weight), int(inner_steps)
         self.gamma_spec, self.lookahead_model = gamma, lookahead_model
         self.no_flow, self.reverse_trains_policy = bool(no_flow), bool(reverse_trains_policy)
-        if reverse_target not in ("policy", "chain"):
-            raise SoctuneError(f"reverse_target must be 'policy' or 'chain', got '{reverse_target}'")
+        if reverse_target not in ("auto", "policy", "chain"):
+            raise SoctuneError(f"reverse_target must be 'auto', 'policy' or 'chain', got '{reverse_target}'")
+        if reverse_target == "auto":  # the chain target needs the flow network and trains only it
+            reverse_target = "policy" if no_flow or reverse_trains_policy else "chain"
         if reverse_target == "chain" and (no_flow or reverse_trains_policy):
             raise SoctuneError("reverse_target='chain' trains the flow network g_φ only; it cannot be combined with "
                                "no_flow or reverse_trains_policy (use reverse_target='policy')")
@@ -387,6 +393,7 @@ class NablaDB(Solver):
         self.flow: FlowNet | None = None
         self._gamma_fn: Callable[[float], float] | None = None
         self._coef: Tensor | None = None
+        self._weighting = step_weighting
         self._flow_frozen = False
 
     def setup(self, ctx: FinetuneContext) -> None:
@@ -513,9 +520,9 @@ class NablaDB(Solver):
 
     def _step_weight(self, process: Process, traj: Trajectory, k: int) -> float:
         s2 = float(traj.stds[k]) ** 2
-        if self.step_weighting == "variance":
+        if self._weighting == "variance":
             return s2
-        if self.step_weighting == "prediction":
+        if self._weighting == "prediction":
             if self._coef is None:
                 self._coef = prediction_coefficients(process, traj)
             return (s2 / max(abs(float(self._coef[k])), 1e-12)) ** 2
@@ -530,6 +537,9 @@ class NablaDB(Solver):
     def iteration(self, ctx: FinetuneContext) -> Iterator[LossOutput]:
         self._gamma_fn = make_gamma(ctx.process, self.gamma_spec)
         self._coef = None  # c_k of this rollout's grid, probed on first use
+        self._weighting = self.step_weighting
+        if self._weighting == "auto":  # the units of the model's output (solvers.base.control_units)
+            self._weighting = "variance" if control_units(ctx.model) else "prediction"
         self._flow_frozen = ctx.iteration < self.flow_warmup
         traj, reward = rollout_for_training(ctx, ctx.reward)
         T = terminal_index(traj)
