@@ -43,7 +43,7 @@ class Method:
     budget_mult: int = 1
 
 
-# options and learning rates of the soctune/configs presets (AM and ∇-DB: loss in prediction units,
+# options and learning rates of the digits presets of the time these rows were measured (AM and ∇-DB: loss in prediction units,
 # lr 1e-2; ∇-DB: γ = 1), identical on both problems; nothing is tuned per problem
 AM_OPTS = {"step_weighting": "prediction"}
 NDB_OPTS = {"transitions": 0.25, "gamma": "one", "step_weighting": "prediction"}
@@ -55,12 +55,12 @@ METHODS: list[Method] = [
     Method("DRaFT-1", "draft", {"k": 1}, 1e-3, "draft"),
     Method("DRaFT-LV", "draft", {"k": 1, "lv_samples": 4}, 1e-3, "draft"),
     Method("ReFL", "draft", {"variant": "refl"}, 1e-3, "draft"),
-    Method("DDPO", "ddpo", {"inner_epochs": 2, "minibatches": 2, "clip_range": 0.2}, 3e-4, "free"),
+    Method("DDPO", "ddpo", {"inner_epochs": 2, "minibatches": 2, "clip_range": 0.2, "logprob_reduction": "sum"}, 3e-4, "free"),
     Method("residual-DB", "db", {"variant": "residual-db"}, 1e-3, "free"),
     Method("DAG-DB", "db", {"variant": "dag-db"}, 1e-3, "free"),
 ]
 #: gradient-free baselines again with a multiple of the budget (2-D problem only: cheap there)
-EXTRA_BUDGET = [Method("DDPO ×5", "ddpo", {"inner_epochs": 2, "minibatches": 2, "clip_range": 0.2}, 3e-4, "free", 5),
+EXTRA_BUDGET = [Method("DDPO ×5", "ddpo", {"inner_epochs": 2, "minibatches": 2, "clip_range": 0.2, "logprob_reduction": "sum"}, 3e-4, "free", 5),
                 Method("residual-DB ×5", "db", {"variant": "residual-db"}, 1e-3, "free", 5)]
 #: the solvers' plain per-step weighting (their defaults, lr 3e-3), 2-D problem only: the presets'
 #: prediction-unit weighting was tuned on digits
@@ -238,7 +238,7 @@ def metrics_of(problem: Problem, x: Tensor, ref: dict[str, Any], n_boot: int = 1
         ref_f = ref["base_f"][ref["ref_idx"]]
         d, dse = target_fidelity(f, ref_f, n_boot=n_boot, generator=torch.Generator().manual_seed(5))
         out.update(fidelity=d, fidelity_se=dse)
-        from soctune.evaluation import digit_probabilities
+        from soctune.examples.digits.evaluator import digit_probabilities
 
         labels = digit_probabilities(problem.extra["images"](x)).argmax(1)
         out["target_share"] = float((labels == problem.extra["target_class"]).double().mean())

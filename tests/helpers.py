@@ -105,7 +105,7 @@ def mixture_stats(x: Tensor, gmm: GaussianMixture) -> tuple[Tensor, Tensor]:
 
 def _assets_present() -> bool:
     try:
-        from soctune.models.digits import shipped_model_path
+        from soctune.examples.digits import shipped_model_path
 
         shipped_model_path("ddpm"), shipped_model_path("flow"), shipped_model_path("classifier")
         return True

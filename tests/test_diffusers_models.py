@@ -517,10 +517,10 @@ def test_solvers_run_on_tiny_sd_with_prompts_and_cfg(sd_dir: Path, solver: str, 
 
 @pytest.mark.parametrize("alias,process", [("digits-ddpm", "ddpm"), ("digits-flow", "fm-memoryless")])
 def test_shipped_digits_models_load(alias: str, process: str) -> None:
-    from soctune.models.digits import ASSETS_DIR
+    from soctune.examples.digits import ASSETS_DIR
 
     if not (ASSETS_DIR / alias.split("-")[1] / "unet" / "config.json").is_file():
-        pytest.skip("shipped digits models not built (soctune pretrain)")
+        pytest.skip("shipped digits models not built (soctune pretrain-digits)")
     m = load_model(alias)
     assert isinstance(m, LoadedModel) and m.sample_shape == (1, 8, 8) and not m.is_latent
     assert lora.default_target_modules(m.network) == ["conv1", "conv2", "time_emb_proj"]

@@ -2,7 +2,7 @@
 
 Everything here reads ``soctune/assets/digits`` directly (diffusers + sklearn), so a broken
 asset is caught independently of soctune's own loading code — except (c), which checks the
-shipped classifier through :func:`soctune.models.digits.load_classifier`.
+shipped classifier through :func:`soctune.examples.digits.classifier.load_classifier`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 ASSETS = Path(__file__).resolve().parent.parent / "soctune" / "assets" / "digits"
 
 pytestmark = pytest.mark.skipif(not (ASSETS / "ddpm" / "unet" / "config.json").is_file(),
-                                reason="digits assets not built (run `soctune pretrain`)")
+                                reason="digits assets not built (run `soctune pretrain-digits`)")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -90,7 +90,8 @@ def test_ddpm_samples_are_confident_digits(digits_lr) -> None:
 
 
 def test_shipped_classifier_accuracy() -> None:
-    from soctune.models.digits import load_classifier, load_digits_tensor
+    from soctune.examples.digits.classifier import load_classifier
+    from soctune.examples.digits.data import load_digits_tensor
 
     x, y = load_digits_tensor()
     clf = load_classifier()

@@ -31,7 +31,7 @@ def test_new_rewards_are_registered_with_descriptions() -> None:
 
 
 def _classifier_built() -> bool:
-    from soctune.models.digits import ASSETS_DIR
+    from soctune.examples.digits import ASSETS_DIR
 
     return (ASSETS_DIR / "classifier.safetensors").is_file()
 
@@ -41,7 +41,7 @@ needs_classifier = pytest.mark.skipif(not _classifier_built(), reason="shipped d
 
 @needs_classifier
 def test_digit_reward_ranks_real_digits_of_its_class_highest() -> None:
-    from soctune.models.digits import heldout_split, load_digits_tensor
+    from soctune.examples.digits.data import heldout_split, load_digits_tensor
 
     images, labels = load_digits_tensor()
     _, test = heldout_split(images.shape[0])  # digits the classifier never saw
@@ -59,7 +59,7 @@ def test_digit_reward_ranks_real_digits_of_its_class_highest() -> None:
 
 @needs_classifier
 def test_digit_reward_gradient_is_sane_and_accepts_decoded_images() -> None:
-    from soctune.models.digits import load_digits_tensor
+    from soctune.examples.digits.data import load_digits_tensor
 
     images, labels = load_digits_tensor()
     reward = get_reward("digit:3")

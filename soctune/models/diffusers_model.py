@@ -529,7 +529,7 @@ def resolve_model_path(path_or_hub_id: str | Path) -> Path:
     (``digits-ddpm``, ``digits-flow``) or a hub id already in the local Hugging Face cache."""
     spec = str(path_or_hub_id)
     if spec in ALIASES:
-        from .digits import shipped_model_path
+        from ..examples.digits import shipped_model_path
 
         try:
             return shipped_model_path(ALIASES[spec])
