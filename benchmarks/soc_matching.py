@@ -1,0 +1,126 @@
+"""Adjoint Matching on SOC-matching's control benchmarks (issue #17): relative control L2 error, SOC
+cost J against the K-step lower bound, wall time.
+
+Problems (soctune.problems; settings of github.com/facebookresearch/SOC-matching, see that module):
+Quadratic OU easy / hard (d = 20, K = 50, running state cost), Linear OU (d = 10, K = 100), Double Well
+(d = 10, K = 200). Solver: ``adjoint-matching`` with the library's defaults; only budget knobs vary
+(iterations, batch, net width). Model: :class:`~soctune.models.informed_control.InformedControl`
+(default) or a plain :class:`~soctune.models.base.CorrectedDenoiser` MLP on (x, t) (``--model mlp``).
+
+Metrics on fresh rollouts of the trained control (:mod:`soctune.soc`):
+
+- ``rel``: E[Σ_k ‖u_k/√Δt − u*(x_k, t_k)‖²Δt] / E[Σ_k ‖u*(x_k, t_k)‖²Δt] (1 = the zero control);
+- ``J``: E[Σ_k ½‖u_k‖² + Σ_k Δt f(x_k) + g(x_K)] with its s.e., beside J of u* itself and the lower
+  bound J*_K = −log E_base[exp(−Σ Δt f − g)] (its Monte Carlo estimate is unreliable when its s.e. is large).
+
+    OMP_NUM_THREADS=1 python benchmarks/soc_matching.py                      # all four, default budget
+    OMP_NUM_THREADS=1 python benchmarks/soc_matching.py --problems soc-double-well --iters 1000
+
+Rows are appended to ``benchmarks/results/soc_matching.jsonl``; ``--table`` prints the Markdown rows for
+benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+from soctune import finetune  # noqa: E402
+from soctune.models.base import CorrectedDenoiser, Denoiser, ZeroDenoiser  # noqa: E402
+from soctune.models.informed_control import InformedControl  # noqa: E402
+from soctune.problems import PROBLEMS, SOCProblemProcess, get_problem  # noqa: E402
+from soctune.soc import ControlFunctionModel, control_l2_error, soc_cost, soc_lower_bound  # noqa: E402
+
+RESULTS = ROOT / "results" / "soc_matching.jsonl"
+
+#: per-problem budget (iterations, batch) when not given on the command line: a few minutes each on one thread
+BUDGET = {"soc-quadratic-ou-easy": (300, 128), "soc-quadratic-ou-hard": (300, 128), "soc-linear-ou": (200, 64),
+          "soc-double-well": (600, 128)}
+
+
+def make_model(kind: str, proc: SOCProblemProcess, hidden: int, depth: int) -> Denoiser:
+    if kind == "informed":
+        return InformedControl(proc, proc.reward, proc.dim, reward_scale=proc.reward_scale, hidden=hidden, depth=depth)
+    return CorrectedDenoiser(ZeroDenoiser(), proc.dim, hidden=hidden, depth=depth)
+
+
+def run(name: str, iters: int, batch: int, hidden: int, depth: int, kind: str, n_eval: int, seed: int,
+        lr: float | None = None) -> dict[str, Any]:
+    """Train one problem and evaluate it; returns the result row."""
+    proc = get_problem(name)
+    shape = (proc.dim,)
+    torch.manual_seed(seed)
+    model = make_model(kind, proc, hidden, depth)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        finetune(model=model, process=proc, solver="adjoint-matching", solver_options={"reward_scale": proc.reward_scale},
+                 reward=proc.reward, sample_shape=shape, iters=iters, batch_size=batch, seed=seed,
+                 **({} if lr is None else {"lr": lr}))
+    train_s = time.perf_counter() - start
+    lam = proc.reward_scale
+    err = control_l2_error(proc, model, proc.optimal_control, n_eval, torch.Generator().manual_seed(seed + 1),
+                           sample_shape=shape)
+    j, j_se = soc_cost(proc, model, proc.reward, lam, n_eval, torch.Generator().manual_seed(seed + 2), sample_shape=shape)
+    opt = ControlFunctionModel(proc.optimal_control)
+    j_opt, j_opt_se = soc_cost(proc, opt, proc.reward, lam, n_eval, torch.Generator().manual_seed(seed + 2),
+                               sample_shape=shape)
+    lb, lb_se = soc_lower_bound(proc, opt, proc.reward, lam, 4 * n_eval, torch.Generator().manual_seed(seed + 3),
+                                sample_shape=shape)
+    return {"problem": name, "model": kind, "hidden": hidden, "depth": depth, "iters": iters, "batch": batch, "lr": lr,
+            "seed": seed, "rel": err.relative, "rel_rms": err.relative_rms, "l2": err.error, "l2_se": err.error_se,
+            "zero_l2": err.zero_error, "J": j, "J_se": j_se, "J_opt": j_opt, "J_opt_se": j_opt_se, "J_lb": lb,
+            "J_lb_se": lb_se, "train_s": train_s}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("| problem | d | K | model | iters × batch | rel. L2 error | √rel | J (s.e.) | J of u* | J*_K bound (s.e.) "
+            "| train time |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        proc = PROBLEMS[r["problem"]]()
+        lines.append(f"| {r['problem']} | {proc.dim} | {proc.num_steps} | {r['model']} {r['depth']}×{r['hidden']} "
+                     f"| {r['iters']} × {r['batch']}, lr {r['lr'] or 'default'} | {r['rel']:.3g} | {r['rel_rms']:.3g} | {r['J']:.3f} ({r['J_se']:.3f}) "
+                     f"| {r['J_opt']:.3f} | {r['J_lb']:.3f} ({r['J_lb_se']:.3f}) | {r['train_s']:.0f} s |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
+    ap.add_argument("--iters", type=int, default=None, help="iterations (default: per problem, BUDGET)")
+    ap.add_argument("--batch", type=int, default=None, help="trajectories per iteration (default: per problem)")
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--model", choices=("informed", "mlp"), default="informed")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the library's TrainConfig.lr)")
+    ap.add_argument("--n-eval", type=int, default=4096)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--table", action="store_true", help="print the Markdown rows for RESULTS.md")
+    args = ap.parse_args()
+    rows = []
+    for name in args.problems:
+        iters, batch = BUDGET[name]
+        row = run(name, args.iters or iters, args.batch or batch, args.hidden, args.depth, args.model, args.n_eval,
+                  args.seed, args.lr)
+        rows.append(row)
+        print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        RESULTS.parent.mkdir(exist_ok=True)
+        with RESULTS.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+    if args.table:
+        print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
