@@ -117,12 +117,26 @@ def model_step(process: Process, model: Denoiser, x: Tensor, k: int, cond: Any,
 
 def step_prediction_coefficient(process: Process, k: int, x: Tensor, state: dict[str, Tensor],
                                 prediction_type: str) -> float:
-    """c_k = ∂m_k/∂pred: the (affine) step kernel's response to a unit change of the model
-    prediction, probed at the state x [1,*S] (any state: the mean map is affine in the prediction
-    with a state-independent slope on every built-in process)."""
-    m0 = process.step_kernel(x, k, torch.zeros_like(x), state, prediction_type).mean
-    m1 = process.step_kernel(x, k, torch.ones_like(x), state, prediction_type).mean
-    return float((m1 - m0).double().mean())
+    """c_k = ∂m_k/∂pred: the step kernel's response to a unit change of the model prediction,
+    probed at the state x [1,*S] — one number, which presumes m_k(pred) = a + c_k·pred with the
+    same c_k for every dimension (true of the built-in processes without clipping). Checked here:
+    the slope must be the same in every dimension (a per-dimension kernel has none) and the same
+    from pred = 1 to 2 as from 0 to 1 (a scheduler with ``clip_sample`` clamps x̂₁ and is not
+    affine); otherwise a one-line :class:`SoctuneError` names the options that need no c_k."""
+    m = [process.step_kernel(x, k, torch.full_like(x, v), state, prediction_type).mean.double() for v in (0.0, 1.0, 2.0)]
+    d1, d2 = m[1] - m[0], m[2] - m[1]
+    c = float(d1.mean())
+    # float32 means: differences of numbers of size |m| carry ~1e-7·|m| rounding; a clip changes the
+    # slope by O(c), far above this tolerance
+    tol = 1e-3 * abs(c) + 1e-6 * float(m[0].abs().max()) + 1e-9
+    if float((d1 - c).abs().max()) > tol or float((d2 - d1).abs().max()) > tol:
+        raise SoctuneError(
+            f"process '{getattr(process, 'registered_name', type(process).__name__)}': the step mean at step {k} is "
+            "not affine in the model prediction with one slope for every dimension (a clipped x̂₁, e.g. "
+            "clip_sample=true, or a per-dimension kernel), so steps cannot be weighted in prediction units; set "
+            "clip_sample=false in the scheduler config, or pass step_weighting='am' (adjoint-matching) / 'variance' "
+            "(nabla-db) and use a plain CorrectedDenoiser instead of ControlGainDenoiser")
+    return c
 
 
 def prediction_coefficients(process: Process, traj: "Trajectory") -> Tensor:

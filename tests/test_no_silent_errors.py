@@ -283,3 +283,31 @@ def test_one_line_reason_flattens_any_exception_text() -> None:
     assert one_line_reason(KeyError()) == "KeyError"
     assert len(one_line_reason(ValueError("x" * 1000))) == 300
     assert len(one_line_reason(ValueError("x" * 1000), limit=20)) == 20
+
+
+def test_prediction_units_refuse_a_step_that_is_not_affine_with_one_slope() -> None:
+    """step_prediction_coefficient summarises ∂m_k/∂pred by one number: a clipped x̂₁ (clip_sample)
+    or a per-dimension kernel has no such number and is refused in one line, instead of being
+    averaged into a wrong step weight / control gain."""
+    from soctune.models.control import ControlGainDenoiser
+    from soctune.sde.euler_maruyama import EulerMaruyama
+    from soctune.trajectory import step_prediction_coefficient
+
+    x = torch.zeros(1, 2)
+    plain = get_process("ddpm", num_steps=10)
+    assert step_prediction_coefficient(plain, 0, x, plain.init_state(), "epsilon") != 0
+    clipped = get_process("ddpm", num_steps=10, scheduler_config={"clip_sample": True})
+    with pytest.raises(SoctuneError, match="not affine.*clip_sample=false"):
+        for k in range(clipped.num_steps):
+            step_prediction_coefficient(clipped, k, x, clipped.init_state(), "epsilon")
+    base = GaussianMixtureDenoiser(two_mode_mixture(), clipped, "epsilon")
+    with pytest.raises(SoctuneError, match="not affine"):
+        ControlGainDenoiser(base, clipped, hidden=8, depth=1)
+
+    class PerDimension(EulerMaruyama):
+        def drift(self, x: Tensor, t: float, pred: Tensor, prediction_type: str) -> Tensor:
+            return pred * torch.tensor([1.0, 3.0])  # a different gain per coordinate
+
+    proc = PerDimension(num_steps=4, prior_std=0.0)
+    with pytest.raises(SoctuneError, match="one slope for every dimension"):
+        step_prediction_coefficient(proc, 0, x, proc.init_state(), "control")

@@ -39,9 +39,9 @@ adjoint through a base chain whose noise-free map is nearly discontinuous (a wat
 separated modes) is like the derivative of a smoothed step: P(‖ã‖ > y) ∝ 1/y, infinite variance,
 and a regression on it sees too small a target (benchmarks/adjoint_tails.py). The score target's
 variance grows with Var(C) and with the dimension instead, so it suits low-dimensional,
-multimodal problems, not images: on the shipped digits model (8×8) the digits preset with
-``estimator: score`` collapses (0% threes, reward −42.8 against the base's −22; the pathwise
-adjoint reaches 97%). b = the leave-one-out batch mean of C_{k+1}.
+multimodal problems, not images: on the shipped 8×8 digits model it drives the reward down where
+the pathwise adjoint turns the model into a three-generator (``estimator="auto"`` picks by the state
+size, :meth:`AdjointMatching.estimator_for`). b = the leave-one-out batch mean of C_{k+1}.
 
 The ``basic`` variant uses the full adjoint of the current control's cost instead,
 a_k = ∇_{x_k}[⟨m_θ(x_k), a_{k+1}⟩ + ½‖u_k(x_k)‖²] (fine-tuned mean map, running cost), which has

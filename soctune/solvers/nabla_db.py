@@ -62,11 +62,10 @@ the adjoint equation one step at a time, with the learned flow one step later in
 pathwise adjoint (one Jacobian per target, not a product along the path). With the paper's target the
 flow at x_k is regressed onto J_bᵀ(m_θ − m_b)/s², what the CURRENT policy implies: the flow
 then tracks the policy rather than the reward, and where the policy is poorly fitted — the low
-density watershed between modes, where log F̃ jumps — the jump is lost step after step. Measured
-on DESIGN §6's mixture (ddpm, K = 25, linear reward, left-mode weight: tilt 0.119): the paper's
-target plateaus at 0.36 (900 iterations: 0.36), the exact flow score in its place gives 0.19, the
-chain target 0.24 with the same settings, and 0.16–0.18 over three seeds with ``gamma="one"``,
-``lookahead_model="base"``, half the transitions and a larger network (tests/test_solver_ground_truth.py).
+density watershed between modes, where log F̃ jumps — the jump is lost step after step. On DESIGN
+§6's mixture the paper's target plateaus far from the tilt, and the exact flow score in its place
+does not; the chain target with ``gamma="one"`` and ``lookahead_model="base"`` (the defaults)
+reaches the closed-form tilt (tests/test_solver_ground_truth.py, whose notes keep the figures).
 
 Output regularisation (the reference code's ``unet_reg``): pred_ref are the predictions of the
 iterate that generated the rollout, stored on the sampled transitions (one no-grad forward
