@@ -2,8 +2,9 @@
 and one trained case through benchmarks/ground_truth.py's code path.
 
 The closed-form checks are cheap and strict (seconds each): the tilt of every cell of the problem grid
-against importance-weighted exact base samples, log Z against the Monte Carlo normaliser, and the K-step
-optimum's Monte Carlo cost J*_K = −log E_base chain[exp(λr)] tending to the continuous −log Z as K grows.
+against importance-weighted exact base samples, log Z against the Monte Carlo normaliser, the Monte Carlo
+J*_K = −log E_base chain[exp(λr)] tending to the continuous −log Z as K grows, and the benchmark's K-step
+reference against the dynamic-programming optimum of tests/discrete_optimum.py.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import torch
 from discrete_optimum import solve_x1
 from soctune.models.gmm import GaussianMixtureDenoiser, two_mode_mixture
 from soctune.models.gmm_problems import COMPONENTS, DIMS, KINDS, LAMBDAS, TiltProblem, random_tilt_problem
-from soctune.sde import get_process
 from soctune.registry import SoctuneError
+from soctune.sde import get_process
 from soctune.soc import soc_lower_bound, step_controls
 from soctune.trajectory import rollout
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # after the installed packages: no shadowing
 import ground_truth  # noqa: E402
 
 pytestmark = pytest.mark.slow
