@@ -108,14 +108,20 @@ def step_controls(process: Process, model: Denoiser, traj: Trajectory, cond: Any
     return out
 
 
+def running_cost_fn(process: Process) -> Callable[[Tensor, float], Tensor] | None:
+    """The process's running state cost f(x [B,*S], t) -> [B], or None when it declares none
+    (``has_running_cost`` false or absent: a terminal-reward problem, every diffusion model)."""
+    return getattr(process, "running_cost", None) if getattr(process, "has_running_cost", False) else None
+
+
 def running_costs(process: Process, traj: Trajectory) -> Tensor:
     """Σ_k Δt_k f(x_k, t_k) per sample, [B] float64 (zeros for a process without a running cost)."""
     total = torch.zeros(traj.batch_size, dtype=torch.float64, device=traj.xs.device)
-    if not getattr(process, "has_running_cost", False):
+    f = running_cost_fn(process)
+    if f is None:
         return total
     for k in range(traj.num_steps):
-        dt = float(traj.ts[k + 1] - traj.ts[k])
-        total += dt * process.running_cost(traj.xs[k], float(traj.ts[k])).double()  # type: ignore[attr-defined]
+        total += float(traj.ts[k + 1] - traj.ts[k]) * f(traj.xs[k], float(traj.ts[k])).double()
     return total
 
 
