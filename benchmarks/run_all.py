@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("gmm", "digits", "time", "memory", "threads", "precision", "scale", "report")
+STAGES = ("gmm", "digits", "pairs", "time", "memory", "threads", "precision", "scale", "report")
 
 
 def plan(quick: bool) -> dict[str, list[str]]:
@@ -33,6 +33,7 @@ def plan(quick: bool) -> dict[str, list[str]]:
                     "--n-eval", "512", "--n-base", "1024"],
             "digits": ["quality.py", "--problem", "digits", "--seeds", "0", "--iters", "2", "--batch", "8",
                        "--steps", "10", "--n-eval", "64", "--n-base", "256"],
+            "pairs": ["pairs.py", "--processes", "fm-memoryless", "--solvers", "draft"],
             "time": ["cost.py", "--mode", "time", "--steps", "10", "--batch", "8", "--repeats", "2"],
             "memory": ["cost.py", "--mode", "memory-all", "--batch", "8", "--k-list", "10", "100"],
             "threads": ["threads.py", "--iters", "1", "--repeats", "3", "--settings", "cli-default", "active",
@@ -46,6 +47,8 @@ def plan(quick: bool) -> dict[str, list[str]]:
                 "--steps", "20", "--n-eval", "2048", "--n-base", "4096", "--extra-budget"],
         "digits": ["quality.py", "--problem", "digits", "--seeds", "0", "1", "--iters", "24", "--batch", "16",
                    "--steps", "10", "--n-eval", "256", "--n-base", "2048"],
+        # every process × solver with nothing but the defaults, as a newcomer runs it (≈ 45 min)
+        "pairs": ["pairs.py"],
         "time": ["cost.py", "--mode", "time", "--steps", "25", "--batch", "16", "--repeats", "4"],
         "memory": ["cost.py", "--mode", "memory-all", "--batch", "16", "--k-list", "10", "25", "50", "100"],
         # every OpenMP setting idle and next to a busy neighbour, 2 iterations each (≈ 5–10 min:
@@ -59,7 +62,8 @@ def plan(quick: bool) -> dict[str, list[str]]:
     }
 
 
-RESULT_FILES = {"gmm": ["quality_gmm.jsonl"], "digits": ["quality_digits.jsonl"], "time": ["cost_time.jsonl"],
+RESULT_FILES = {"gmm": ["quality_gmm.jsonl"], "digits": ["quality_digits.jsonl"], "pairs": ["pairs.jsonl"],
+                "time": ["cost_time.jsonl"],
                 "memory": ["cost_memory.jsonl"], "threads": ["threads.jsonl"],
                 "precision": ["precision.jsonl"], "scale": ["scale.jsonl"]}
 

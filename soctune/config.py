@@ -60,6 +60,10 @@ class ModelConfig:
                              lambda v: v in FROZEN_DTYPES)
 
 
+#: learning-rate schedules over ``train.iters`` (:func:`soctune.trainer.lr_at`)
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and placement settings shared by every solver — the ONE set of defaults of
@@ -74,6 +78,8 @@ class TrainConfig:
     batch_size: int = _opt(32, "trajectories per iteration (global, over all processes)", lambda v: v >= 1)
     lr: float = _opt(3e-4, "learning rate (a model folder may declare its own in soctune.json)", lambda v: 0 < v < math.inf)
     weight_decay: float = _opt(0.0, "AdamW weight decay", lambda v: 0 <= v < math.inf)
+    lr_schedule: str = _opt("cosine", "cosine: lr·½(1 + cos(π·i/iters)) at iteration i (decays to 0 at the end), or constant",
+                            lambda v: v in LR_SCHEDULES)
     grad_clip: float = _opt(1.0, "max gradient norm (0 = off)", lambda v: 0 <= v < math.inf)
     seed: int = _opt(0, "random seed")
     max_nonfinite: int = _opt(5, "consecutive non-finite updates (each skipped) before the run stops with a checkpoint",

@@ -22,14 +22,13 @@ end of each step, as the discrete adjoint sees it.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from .models.base import Denoiser
+from .models.base import Denoiser, SwitchableDenoiser
 from .registry import SoctuneError
 from .sde.base import Process
 from .trajectory import Trajectory, model_step, rollout
@@ -59,7 +58,7 @@ class ControlL2Error:
         return math.sqrt(self.relative)
 
 
-class ControlFunctionModel(Denoiser):
+class ControlFunctionModel(SwitchableDenoiser):
     """A control given as a function, as a model for the ``control`` processes
     (:class:`~soctune.sde.euler_maruyama.EulerMaruyama`): forward(x [B,*S], t [B]) = u(x, t_0) in x's
     dtype (the whole batch is at one time, as in every rollout); ``base()`` is the zero control.
@@ -70,20 +69,11 @@ class ControlFunctionModel(Denoiser):
     def __init__(self, control: ControlFn) -> None:
         super().__init__()
         self.control = control
-        self._adapt = True
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         if not self._adapt:
             return torch.zeros_like(x)
         return self.control(x, float(t.reshape(-1)[0])).to(x.dtype)
-
-    @contextmanager
-    def base(self) -> Iterator[None]:
-        previous, self._adapt = self._adapt, False
-        try:
-            yield
-        finally:
-            self._adapt = previous
 
 
 def _check(n: int, reward_scale: float | None = None) -> None:

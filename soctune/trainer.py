@@ -275,6 +275,8 @@ class Trainer:
             gens = [torch.Generator(device=self.device) for _ in range(A)]
             for g in gens:
                 g.set_state(self.generator.get_state())
+        for group in self.optimizer.param_groups:  # a function of the iteration: exact on resume
+            group["lr"] = lr_at(self.config, self.step)
         ctxs = [replace(self.ctx, generator=g, iteration=self.step) for g in gens]
         self.ctx.iteration = self.step
         its = [self.solver.iteration(c) for c in ctxs]
@@ -297,6 +299,7 @@ class Trainer:
             self.generator.set_state(gens[0].get_state())
         self.optimizer.zero_grad(set_to_none=True)
         merged["updates"] = float(n_updates)
+        merged["lr"] = lr_at(self.config, self.step)
         merged["time"] = time.perf_counter() - t0
         merged = self._average_over_processes(merged)
         merged["iteration"] = float(self.step)
@@ -478,7 +481,7 @@ class Trainer:
                                "solver options it was written with") from None
         self.solver.load_extra_state(state["solver_extra"])
         self.optimizer.load_state_dict(state["optimizer"])
-        for group in self.optimizer.param_groups:
+        for group in self.optimizer.param_groups:  # this run's lr, not the saved one (set per iteration)
             group["lr"] = self.config.lr
         if self.accelerator.scaler is not None and state.get("scaler"):
             self.accelerator.scaler.load_state_dict(state["scaler"])
@@ -492,6 +495,14 @@ class Trainer:
         np.random.set_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
         self.history = [dict(h) for h in state["history"]]
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
+    """The learning rate of iteration ``step`` (0-based) of ``config.iters``: ``constant`` → lr,
+    ``cosine`` → lr·½(1 + cos(π·step/iters)) (lr at the first iteration, → 0 at the last)."""
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, config.iters) / config.iters))
+    return config.lr
 
 
 def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:

@@ -220,3 +220,17 @@ def test_informed_control_leaves_the_double_well_plateau() -> None:
     torch.manual_seed(0)
     informed = fit(InformedControl(proc, proc.reward, proc.dim, hidden=64, depth=2))
     assert plain > 0.9 and informed < 0.6, (plain, informed)
+
+
+def test_solvers_without_running_cost_refuse_a_process_with_one() -> None:
+    """Quadratic OU's running cost f = xᵀPx is part of the SOC problem: a solver whose loss ignores it
+    would optimise the terminal reward alone, so it refuses the process in one line."""
+    from soctune.registry import SoctuneError
+    from soctune.solvers import get_solver
+
+    process = get_process("soc-quadratic-ou-easy", num_steps=5)
+    assert process.has_running_cost and not get_process("soc-linear-ou", num_steps=5).has_running_cost
+    get_solver("adjoint-matching").check(process, None)  # type: ignore[arg-type]
+    for name in ("nabla-db", "draft", "ddpo", "db"):
+        with pytest.raises(SoctuneError, match="running state cost.*adjoint-matching"):
+            get_solver(name).check(process, None)  # type: ignore[arg-type]

@@ -17,19 +17,18 @@ last layers, so the model starts at the zero control (the base process).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from ..registry import SoctuneError
-from .base import CorrectionNet, Denoiser, FourierTimeEmbedding
+from .base import CorrectionNet, FourierTimeEmbedding, SwitchableDenoiser
 
 RewardFn = Callable[[Tensor, Any], Tensor]
 
 
-class InformedControl(Denoiser):
+class InformedControl(SwitchableDenoiser):
     """u_φ(x, t) = c_φ(x, t, b(x, t), λ∇r(x)) + γ_φ(t) ⊙ λ∇r(x) for ``control`` processes (module docstring).
 
     ``base()`` gives the zero control (the uncontrolled process). States are [B, D] (flat).
@@ -61,7 +60,6 @@ class InformedControl(Denoiser):
         self.gate = nn.Sequential(nn.Linear(2 * 8 + 1, 64), nn.SiLU(), nn.Linear(64, self.dim))
         nn.init.zeros_(self.gate[-1].weight)
         nn.init.zeros_(self.gate[-1].bias)
-        self._adapt = True
 
     def reward_gradient(self, x: Tensor, cond: Any = None) -> Tensor:
         """λ∇r(x): [B, D] -> [B, D] (float32 reward, detached)."""
@@ -79,11 +77,3 @@ class InformedControl(Denoiser):
         out = self.correction(x, t, torch.cat([drift, grad_r], dim=-1))
         gate = self.gate(torch.cat([self.gate_time(t), t[:, None].float()], dim=-1)).to(x.dtype)
         return out + gate * grad_r
-
-    @contextmanager
-    def base(self) -> Iterator[None]:
-        previous, self._adapt = self._adapt, False
-        try:
-            yield
-        finally:
-            self._adapt = previous

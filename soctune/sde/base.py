@@ -65,6 +65,10 @@ class Process(nn.Module):
     registered_name: ClassVar[str] = "?"
     #: X_0 is independent of X_1 under the base process (needed for reward tilts).
     memoryless: ClassVar[bool] = False
+    #: the SOC problem has a running state cost f(x, t) besides the terminal reward (J = E[Σ(½‖u_k‖² +
+    #: f(x_k)Δt) − λr(x_K)]); such a process defines ``running_cost(x [B,*S], t) -> [B]``. Only solvers
+    #: with ``supports_running_cost`` accept it (soctune.soc evaluates it).
+    has_running_cost: ClassVar[bool] = False
     #: prediction types the process can turn into a drift.
     accepts: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample", "velocity")
 

@@ -119,6 +119,7 @@ class AdjointMatching(Solver):
 
     wants_memoryless = True
     needs_stochastic = True
+    supports_running_cost = True  # Δt∇f in the adjoint, Δt·f in the score target's cost-to-go
     #: ``estimator="auto"`` uses the score target up to this state size (numbers per sample). What is
     #: measured: the 2-D multimodal ground-truth mixtures pass only with the score target
     #: (tests/test_solver_ground_truth.py), the 64-D digits collapse with it (module docstring), and

@@ -79,6 +79,9 @@ class Solver(nn.Module):
     wants_memoryless: ClassVar[bool] = False
     #: the method needs Gaussian steps with s_k > 0 / log-densities / model gradients.
     needs_stochastic: ClassVar[bool] = False
+    #: the loss accounts for a process's running state cost (``Process.has_running_cost``); the
+    #: others would silently optimise the terminal reward alone, so :meth:`check` refuses them.
+    supports_running_cost: ClassVar[bool] = False
 
     def __init__(self, reward_scale: float = 1.0) -> None:
         super().__init__()
@@ -89,6 +92,10 @@ class Solver(nn.Module):
     def check(self, process: Process, model: Denoiser) -> None:
         """Raise :class:`SoctuneError` (one line) for an impossible pair; warn for a
         possible one whose result is not the tilt."""
+        if getattr(process, "has_running_cost", False) and not self.supports_running_cost:
+            raise SoctuneError(
+                f"process '{process.registered_name}' has a running state cost, which solver '{self.registered_name}' "
+                "ignores (it would optimise the terminal reward alone); use adjoint-matching")
         if self.needs_stochastic and all(
                 float(s) == 0 for s in _probe_stds(process)):
             raise SoctuneError(
