@@ -117,7 +117,12 @@ REJECTED: dict[tuple[str, str], str] = {
 def test_the_grid_covers_every_builtin() -> None:
     """A new built-in must be added to the impossible-pair grid (and its refusals to REJECTED)."""
     list_processes()  # loads the built-ins
-    assert {e.name for e in PROCESSES.entries() if e.obj.__module__.startswith("soctune.")} == BUILTIN_PROCESSES
+    # soctune.problems' SOC benchmark SDEs have fixed dimensions (10, 20) and control models: their
+    # solver pairs are pinned in tests/test_soc_matching.py (adjoint-matching trains, a running cost
+    # is refused by the others)
+    generative = {e.name for e in PROCESSES.entries()
+                  if e.obj.__module__.startswith("soctune.") and not e.obj.__module__.startswith("soctune.problems")}
+    assert generative == BUILTIN_PROCESSES
     assert {e.name for e in SOLVERS.entries() if e.obj.__module__.startswith("soctune.")} == BUILTIN_SOLVERS
     assert {n for n, _ in GRID_PROCESSES.values()} >= BUILTIN_PROCESSES
     assert {n for n, _ in GRID_SOLVERS.values()} == BUILTIN_SOLVERS
