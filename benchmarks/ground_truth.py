@@ -135,7 +135,8 @@ def kstep_reference(problem: TiltProblem, process_name: str, n: int = N_BOUND, s
     shares = torch.zeros(len(problem.tilt.weights), dtype=torch.float64).index_add_(0, comp, w)
     base = fidelity(x[:N_EVAL], problem.tilt)  # the untrained chain: how far the tilt moves the base
     return {"j_opt": j_opt, "j_opt_se": j_opt_se, "kstep_weights": shares.tolist(),
-            "kstep_weight_err": float((shares - problem.tilt.weights).abs().max()), "kstep_ess": float(1 / w.pow(2).sum()),
+            "kstep_weight_err": float((shares - problem.tilt.weights).abs().max()),
+            "kstep_ess": float(1 / w.pow(2).sum()),
             "base_weight_err": base["weight_err"], "base_sw": base["sw"], "base_within": base["within"]}
 
 
@@ -155,7 +156,8 @@ class _GainProbe:
         return {**self._process.init_state(), "x1_hat_prev": torch.zeros(1, self._dim)}
 
 
-def correction_model(problem: TiltProblem, process_name: str, process: Any, hidden: int, depth: int) -> ControlGainDenoiser:
+def correction_model(problem: TiltProblem, process_name: str, process: Any, hidden: int,
+                     depth: int) -> ControlGainDenoiser:
     """The exact base + a from-scratch control-units correction net (hidden × depth)."""
     probe = _GainProbe(process, problem.dim) if getattr(process, "order", 1) == 2 else process
     return ControlGainDenoiser(base_model(problem, process_name, process), probe, hidden=hidden, depth=depth)
@@ -180,7 +182,8 @@ def run_case(problem: TiltProblem, solver: str, process_name: str, seed: int = 0
     j, j_se = soc_cost(process, model, reward, problem.lam, N_COST, torch.Generator().manual_seed(200 + seed),
                        sample_shape=(problem.dim,))
     ref = reference if reference is not None else kstep_reference(problem, process_name)
-    return {"problem": problem.name, "index": problem.index, "dim": problem.dim, "components": len(problem.base.weights),
+    return {"problem": problem.name, "index": problem.index, "dim": problem.dim,
+            "components": len(problem.base.weights),
             "reward": problem.kind, "lam": problem.lam, "solver": solver, "process": process_name, "seed": seed,
             "budget": b, "solver_options": options, "train_s": train_s,
             "exact_weights": problem.tilt.weights.tolist(), **fidelity(x, problem.tilt),
