@@ -78,7 +78,7 @@ class TrainConfig:
     batch_size: int = _opt(32, "trajectories per iteration (global, over all processes)", lambda v: v >= 1)
     lr: float = _opt(3e-4, "learning rate (a model folder may declare its own in soctune.json)", lambda v: 0 < v < math.inf)
     weight_decay: float = _opt(0.0, "AdamW weight decay", lambda v: 0 <= v < math.inf)
-    lr_schedule: str = _opt("cosine", "cosine: lr·½(1 + cos(π·i/iters)) at iteration i (decays to 0 at the end), or constant",
+    lr_schedule: str = _opt("constant", "constant, or cosine: lr·½(1 + cos(π·i/iters)) at iteration i (decays to 0 at the end)",
                             lambda v: v in LR_SCHEDULES)
     grad_clip: float = _opt(1.0, "max gradient norm (0 = off)", lambda v: 0 <= v < math.inf)
     seed: int = _opt(0, "random seed")
@@ -193,7 +193,8 @@ def resolve(config: str | Path | dict[str, Any] | None = None, flags: dict[str, 
     flags: ``{"section.key": value}`` (None = not given; ``"reward"`` has no section).
     The defaults are the same for every (process, solver) pair: the solvers' own constructor
     defaults (measured on every pair, benchmarks/pairs.py) and :class:`TrainConfig`; a model folder
-    may declare its own training defaults (the shipped digits models: their learning rate)."""
+    may declare its own training defaults (the shipped digits models: their learning rate and its
+    cosine decay)."""
     layers: list[dict[str, Any]] = []
     if config is not None:
         layers.append(copy.deepcopy(config) if isinstance(config, dict) else load_yaml(config))

@@ -24,8 +24,8 @@ def test_every_pair_gets_the_same_defaults_and_flags_win():
         for solver in ("nabla-db", "adjoint-matching", "draft"):
             cfg = cfgmod.resolve(None, {"process.name": process, "solver.name": solver})
             assert cfg["solver"] == {"name": solver}
-            # the shipped digits models declare their learning rate (soctune.json), nothing else
-            assert cfg["train"] == {**cfgmod.defaults()["train"], "lr": 0.01}
+            # the shipped digits models declare their learning rate and its schedule (soctune.json)
+            assert cfg["train"] == {**cfgmod.defaults()["train"], "lr": 0.01, "lr_schedule": "cosine"}
     cfg = cfgmod.resolve(None, {"process.name": "ddpm", "solver.name": "nabla-db", "train.lr": 0.5},
                          ["solver.lambda=3"])
     assert cfg["train"]["lr"] == 0.5 and cfg["solver"] == {"name": "nabla-db", "reward_scale": 3}

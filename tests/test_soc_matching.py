@@ -168,7 +168,7 @@ def test_adjoint_matching_includes_the_running_cost() -> None:
     torch.manual_seed(0)
     model = InformedControl(proc, proc.reward, proc.dim, hidden=64, depth=2)
     run = finetune(model=model, process=proc, solver="adjoint-matching", reward=proc.reward, sample_shape=shape,
-                   iters=150, batch_size=64, lr=2e-3, seed=0)  # cosine: mean lr 1e-3
+                   iters=150, batch_size=64, lr=1e-3, seed=0)
     err = control_l2_error(proc, model, proc.optimal_control, 1024, gen(0), sample_shape=shape)
     assert err.relative < 0.1, err
     # the solver's logged SOC cost includes ∫f too: it matches the public metric's J of the trained control

@@ -69,10 +69,7 @@ def test_resume_from_the_python_entry_point(tmp_path):
         torch.manual_seed(0)
         return finetune(model=tiny_model_for(proc), process=proc, solver="adjoint-matching",
                         reward=LinearReward([1.0, 0.0]), sample_shape=(2,), iters=iters, batch_size=8, device="cpu",
-                        out=out, resume=resume, checkpoint_every=1,
-                        # extending a run (2 → 4 iterations) moves a cosine schedule's horizon; the
-                        # resume mechanics are what is tested here (test_reliability kills mid-run)
-                        lr_schedule="constant")
+                        out=out, resume=resume, checkpoint_every=1)
 
     ref = go(tmp_path / "ref", 4)
     go(tmp_path / "run", 2)
