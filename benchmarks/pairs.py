@@ -7,7 +7,8 @@ Each pair is one fresh `soctune finetune --process P --solver S --reward digit:3
 in its own process, OMP_NUM_THREADS=1, no other flag: the shared defaults of soctune.config and the
 solvers' constructors) on the shipped digits model of the process. Recorded per pair (appended to
 results/pairs.jsonl, one JSON row each; `benchmarks/report.py` renders the RESULTS.md section): the
-command's wall time (training + the run's own before/after evaluation), the training time, the share
+command's wall time (training + the run's own before/after evaluation) with the machine's load average
+when it ended (other jobs inflate it), the training time, the share
 of the target class among 256 samples judged by the independent pixel classifier (not the reward's
 CNN) before → after, the pixel spread among the target-class samples before → after (the diversity the
 tilt p_base(x | 3) keeps), and the reward mean before → after.
@@ -40,7 +41,7 @@ def run_pair(process: str, solver: str, workdir: Path) -> dict[str, object]:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     row: dict[str, object] = {"process": process, "solver": solver, "reward": REWARD, "command": " ".join(cmd[:-2]),
-                              "wall_s": wall, "rc": proc.returncode}
+                              "wall_s": wall, "rc": proc.returncode, "load": round(os.getloadavg()[0], 2)}
     if proc.returncode != 0:
         row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return row
