@@ -41,6 +41,7 @@ The markdown table printed at the end is :func:`summary_table`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -186,6 +187,8 @@ def run_case(problem: TiltProblem, solver: str, process_name: str, seed: int = 0
             "components": len(problem.base.weights),
             "reward": problem.kind, "lam": problem.lam, "solver": solver, "process": process_name, "seed": seed,
             "budget": b, "solver_options": options, "train_s": train_s,
+            # the whole training config as resolved: the library's defaults change between runs (lr_schedule did)
+            "train_config": dataclasses.asdict(ft.trainer.config),
             "exact_weights": problem.tilt.weights.tolist(), **fidelity(x, problem.tilt),
             "j": j, "j_se": j_se, **ref, "neg_log_z": -problem.log_normaliser(),
             "gap": j - ref["j_opt"], "gap_se": math.hypot(j_se, ref["j_opt_se"])}

@@ -202,7 +202,8 @@ def test_trained_case_through_the_benchmark() -> None:
     Measured, seeds 0/1/2 (≈ 1 min each): weights 0.10/0.33/0.08/0.17/0.32 (all three seeds within 0.01 of
     that; exact 0.07/0.37/0.05/0.17/0.33, the K-step tilt 0.009 from it), weight error 0.045/0.041/0.036,
     SW 0.241/0.230/0.245 against a bound of 0.271, gap 0.057/0.042/0.062 ± 0.010 — above issue #17's
-    0.03 target on this problem, the hardest of problems 0–4 for every pair."""
+    0.03 target on this problem, the hardest of problems 0–4 for every pair. (Seeds 1 and 2 ran while the
+    library's default lr_schedule was briefly cosine; seed 0, the one asserted, with the constant default.)"""
     row = ground_truth.run_case(random_tilt_problem(TRAINED_PROBLEM), TRAINED_SOLVER, TRAINED_PROCESS, seed=0)
     print(f"weights {row['weights']} (exact {row['exact_weights']}), err {row['weight_err']:.3f}, SW {row['sw']:.3f} "
           f"(bound {row['sw_bound']:.3f}), gap {row['gap']:.3f} ± {row['gap_se']:.3f}, {row['train_s']:.0f} s")
