@@ -179,8 +179,10 @@ def rollout(process: Process, model: Denoiser, *, batch_size: int | None = None,
     # whole global batch and keep this rank's rows, so a sample's noise depends on its global index only
     shard = current_shard(batch_size) if x_init is None and noises is None else None
     if x_init is None:
+        sample_shape = sample_shape if sample_shape is not None else getattr(model, "sample_shape", None)
         if batch_size is None or sample_shape is None:
-            raise SoctuneError("rollout needs x_init or both batch_size and sample_shape")
+            raise SoctuneError("rollout needs x_init or both batch_size and sample_shape (or a model that knows its "
+                               "sample_shape)")
         n_draw = batch_size if shard is None else shard.total
         x = process.prior((n_draw, *sample_shape), generator=generator, device=device, dtype=dtype)
         x = x if shard is None else shard.take(x)

@@ -311,3 +311,17 @@ def test_prediction_units_refuse_a_step_that_is_not_affine_with_one_slope() -> N
     proc = PerDimension(num_steps=4, prior_std=0.0)
     with pytest.raises(SoctuneError, match="one slope for every dimension"):
         step_prediction_coefficient(proc, 0, x, proc.init_state(), "control")
+
+
+def test_control_gain_model_builds_on_a_multistep_process() -> None:
+    """Order-2 dpmpp-sde's step k ≥ 1 reads the previous x̂₁ from the step state: the gains are probed
+    along a threaded state (it used to probe every step with the initial state and fail)."""
+    from soctune.models.control import ControlGainDenoiser
+
+    process = get_process("dpmpp-sde", num_steps=6)
+    model = ControlGainDenoiser(GaussianMixtureDenoiser(two_mode_mixture(), process, "epsilon"), process,
+                                hidden=8, depth=1)
+    assert model.gains.shape == (6,) and bool((model.gains[:-1] > 0).all())
+    with torch.no_grad():
+        x = rollout(process, model, batch_size=4, generator=torch.Generator().manual_seed(0)).x_final
+    assert x.shape == (4, 2) and torch.isfinite(x).all()

@@ -53,8 +53,10 @@ class ControlGainDenoiser(CorrectedDenoiser):
         gains = []
         for k in range(process.num_steps):
             c = abs(step_prediction_coefficient(process, k, x, state, self.prediction_type))
-            std = float(process.step_kernel(x, k, torch.zeros_like(x), state, self.prediction_type).std)
-            gains.append(std / c if c > 0 else 0.0)
+            out = process.step_kernel(x, k, torch.zeros_like(x), state, self.prediction_type)
+            gains.append(float(out.std) / c if c > 0 else 0.0)
+            # multistep kernels (order-2 dpmpp-sde) read the previous step's state: thread it
+            state = out.state or state
         self.register_buffer("times", process.ts[:-1].clone().double(), persistent=False)
         self.register_buffer("gains", torch.tensor(gains, dtype=torch.float64), persistent=False)
 
