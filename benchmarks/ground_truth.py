@@ -30,10 +30,8 @@ Per run (one JSON row in results/ground_truth.jsonl):
   two-mode problem is further from the closed form: left-mode weight 0.152 against this 0.127 and 0.119);
 * the untrained base chain's fidelity (``base_*``).
 
-On order-2 dpmpp-sde (the default) soc_cost evaluates the base step mean with the FINE-TUNED chain's
-previous x̂₁ in the step state (the solvers' convention: that prediction is a constant), so its J is not
-the KL to the base path measure and J − J*_K is not bounded below by 0 there; the weights and SW are
-unaffected.
+On order-2 dpmpp-sde (the default) soc_cost takes the base step mean with the BASE chain's previous x̂₁
+(soctune.trajectory.base_states), so J is the KL to the base path measure minus λ E[r] there too.
 
 The markdown table printed at the end is :func:`summary_table`.
 """
@@ -141,27 +139,10 @@ def kstep_reference(problem: TiltProblem, process_name: str, n: int = N_BOUND, s
             "base_weight_err": base["weight_err"], "base_sw": base["sw"], "base_within": base["within"]}
 
 
-class _GainProbe:
-    """``process`` seen by ControlGainDenoiser's gain computation with a step state that holds a previous
-    x̂₁ (zeros). ControlGainDenoiser probes every step with ``process.init_state()``, which order-2
-    dpmpp-sde (the default) refuses from step 1 on; the step mean is affine in the prediction whatever
-    the previous x̂₁, so zeros give the true slope c_k. Remove once control.py threads the state."""
-
-    def __init__(self, process: Any, dim: int) -> None:
-        self._process, self._dim = process, dim
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._process, name)
-
-    def init_state(self) -> dict[str, Tensor]:
-        return {**self._process.init_state(), "x1_hat_prev": torch.zeros(1, self._dim)}
-
-
 def correction_model(problem: TiltProblem, process_name: str, process: Any, hidden: int,
                      depth: int) -> ControlGainDenoiser:
     """The exact base + a from-scratch control-units correction net (hidden × depth)."""
-    probe = _GainProbe(process, problem.dim) if getattr(process, "order", 1) == 2 else process
-    return ControlGainDenoiser(base_model(problem, process_name, process), probe, hidden=hidden, depth=depth)
+    return ControlGainDenoiser(base_model(problem, process_name, process), process, hidden=hidden, depth=depth)
 
 
 def run_case(problem: TiltProblem, solver: str, process_name: str, seed: int = 0, budget: dict[str, Any] | None = None,

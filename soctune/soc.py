@@ -31,7 +31,7 @@ from torch import Tensor
 from .models.base import Denoiser, SwitchableDenoiser
 from .registry import SoctuneError
 from .sde.base import Process
-from .trajectory import Trajectory, model_step, rollout
+from .trajectory import Trajectory, base_states, model_step, rollout
 
 RewardFn = Callable[[Tensor, Any], Tensor]
 #: u*(x [B, *S], t) -> [B, *S], the optimal control in the SDE's units
@@ -89,11 +89,13 @@ def _chunks(n: int) -> list[int]:
 
 def step_controls(process: Process, model: Denoiser, traj: Trajectory, cond: Any = None) -> dict[int, Tensor]:
     """u_k = (m_θ(x_k) − m_base(x_k)) / s_k on every stochastic step k of a rollout of ``model``:
-    {k: [B, *S]} (m_θ is the rollout's recorded mean; m_base one base forward per step)."""
+    {k: [B, *S]} (m_θ is the rollout's recorded mean; m_base one base forward per step, with the base
+    chain's own step state, :func:`~soctune.trajectory.base_states`)."""
     out: dict[int, Tensor] = {}
+    states = base_states(process, model, traj)
     with torch.no_grad(), model.base():
         for k in traj.stochastic_steps():
-            m_base = model_step(process, model, traj.xs[k], k, cond, traj.states[k]).mean
+            m_base = model_step(process, model, traj.xs[k], k, cond, states[k]).mean
             out[k] = (traj.means[k] - m_base) / traj.stds[k]
     return out
 

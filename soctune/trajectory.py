@@ -115,6 +115,37 @@ def model_step(process: Process, model: Denoiser, x: Tensor, k: int, cond: Any,
     return out
 
 
+def base_states(process: Process, model: Denoiser, traj: Trajectory) -> list[dict[str, Tensor]]:
+    """The step states the BASE chain carries along this trajectory's states: ``[K']`` dicts like
+    ``traj.states`` (which are the rolled-out model's own).
+
+    A multistep kernel (order-2 dpmpp-sde) reads the previous step's x̂₁ from its state. The base
+    chain's step k is N(m_base(x_k; x̂₁^base(x_{k−1})), s_k²I), so the path KL of the fine-tuned chain
+    to the base chain — the control u_k = (m_θ − m_base)/s_k every tilt solver regresses or costs —
+    needs the base mean with the BASE model's previous x̂₁, not the fine-tuned one's (with the
+    fine-tuned one the previous step's correction re-enters step k's mean unpaid). For a process
+    without step state (every order-1 kernel) this is ``traj.states`` itself and costs nothing;
+    otherwise one no-grad base forward per step on the whole batch, computed once per trajectory
+    (cached in ``traj.extras`` per model; the base is frozen). The states are constants (detached), like
+    ``traj.states``.
+    """
+    if not any(traj.states):
+        return traj.states
+    key = ("base_states", id(model))  # a guided and an unguided view of one model differ
+    cached = traj.extras.get(key)
+    if cached is not None:
+        return cached
+    out: list[dict[str, Tensor]] = []
+    state = process.init_state()
+    with torch.no_grad(), model.base():
+        for k in range(traj.num_steps):
+            out.append({name: v.detach() for name, v in state.items()})
+            if k + 1 < traj.num_steps:
+                state = model_step(process, model, traj.xs[k], k, traj.cond, state).state
+    traj.extras[key] = out
+    return out
+
+
 def step_prediction_coefficient(process: Process, k: int, x: Tensor, state: dict[str, Tensor],
                                 prediction_type: str) -> float:
     """c_k = ∂m_k/∂pred: the step kernel's response to a unit change of the model prediction,

@@ -16,7 +16,7 @@ import torchsde
 
 from helpers import DIM, conformance_process_names, tiny_model_for
 from soctune.sde import Process, get_process
-from soctune.trajectory import GradSpec, Trajectory, model_step, rollout
+from soctune.trajectory import GradSpec, Trajectory, base_states, model_step, rollout
 
 K = 6
 B = 8
@@ -104,6 +104,21 @@ def test_single_step_replay_from_recorded_state(case: tuple[Process, Any]) -> No
         # the mean map is differentiable in x_k (the recorded state enters as a constant)
         (g,) = torch.autograd.grad(out.mean.sum(), x)
         assert torch.isfinite(g).all()
+
+
+def test_base_states_are_the_base_chains_own(case: tuple[Process, Any]) -> None:
+    """base_states along a BASE rollout are that rollout's states (the base chain replays itself); along
+    a fine-tuned rollout, a stateless process gets its states back unchanged."""
+    process, model = case
+    with model.base():
+        traj = _roll(process, model, seed=5)
+    replayed = base_states(process, model, traj)
+    assert len(replayed) == len(traj.states)
+    for ours, theirs in zip(replayed, traj.states):
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)
+    tuned = _roll(process, model, seed=5)
+    if not any(tuned.states):
+        assert base_states(process, model, tuned) is tuned.states
 
 
 def test_log_prob_equals_torch_normal(case: tuple[Process, Any]) -> None:

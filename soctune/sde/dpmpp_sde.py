@@ -54,7 +54,9 @@ class DPMSolverSDE(GaussianPathProcess):
     first order when ``euler_at_final``, when ``final_sigmas_type == "zero"``, or when
     ``lower_order_final`` and K < 15.
 
-    The previous x̂₁ is carried in the step ``state`` (``{"x1_hat_prev": [B,*S]}``). The mean map of
+    The previous x̂₁ is carried in the step ``state`` (``{"x1_hat_prev": [B,*S]}``); the base chain's
+    own state along a fine-tuned trajectory (its previous x̂₁, which the path KL to the base chain
+    needs) is :func:`soctune.trajectory.base_states`. The mean map of
     step k is a function of (x_k, θ) with that state a CONSTANT: solvers that replay a step from
     ``Trajectory.states[k]`` (detached) and differentiate its mean with respect to x_k or θ do
     not differentiate through the earlier prediction. A rollout that keeps the graph over

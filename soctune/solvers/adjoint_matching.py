@@ -61,7 +61,7 @@ from ..models.base import Denoiser
 from ..registry import SoctuneError, warn_user
 from ..sde.base import Process
 from ..soc import running_cost_fn, running_costs
-from ..trajectory import GradSpec, Trajectory, model_step, prediction_coefficients, rollout
+from ..trajectory import GradSpec, Trajectory, base_states, model_step, prediction_coefficients, rollout
 from .base import FinetuneContext, LossOutput, Solver, control_units, register_solver
 
 
@@ -208,8 +208,9 @@ class AdjointMatching(Solver):
 
         lean:  ã_k = ∇_{x_k}⟨m_base(x_k), ã_{k+1}⟩.
         basic: a_k = ∇_{x_k}[⟨m_θ(x_k), a_{k+1}⟩ + ½‖(m_θ(x_k) − m_base(x_k))/s_k‖²] (the cost term on
-        stochastic steps only). Process state (e.g. a multistep solver's previous x̂₁) is the
-        recorded one, held constant.
+        stochastic steps only). Process state (e.g. a multistep solver's previous x̂₁) is held
+        constant: the rollout's own for m_θ, the base chain's (:func:`~soctune.trajectory.base_states`)
+        for m_base, so that u_k = (m_θ − m_base)/s_k is the step of the path KL to the base chain.
         """
         variant = variant or self.variant
         model = ctx.model.unguided()
@@ -217,6 +218,7 @@ class AdjointMatching(Solver):
         a, reward = self.terminal_adjoint(ctx, traj.xs[-1], traj.cond)
         K = traj.num_steps
         mix = self.bootstrap_weights(process, traj) if self.bootstrap > 0 else None
+        b_states = base_states(process, model, traj)
         running = running_cost_fn(process)
         adjoints: list[Tensor] = [a]
         base_means: list[Tensor] = [torch.empty(0)] * K
@@ -225,7 +227,7 @@ class AdjointMatching(Solver):
             with torch.enable_grad():
                 x = traj.xs[k].detach().requires_grad_(True)
                 with model.base():
-                    m_base = model_step(process, model, x, k, traj.cond, traj.states[k]).mean
+                    m_base = model_step(process, model, x, k, traj.cond, b_states[k]).mean
                 m_ft = None
                 if variant == "basic":
                     m_ft = model_step(process, model, x, k, traj.cond, traj.states[k]).mean
@@ -270,8 +272,9 @@ class AdjointMatching(Solver):
         model = ctx.model.unguided()
         reward = self.reward_of(ctx, traj.xs[-1].float(), traj.cond).detach()
         B, K = traj.batch_size, traj.num_steps
+        b_states = base_states(ctx.process, model, traj)
         with model.base():
-            base_means = torch.stack([model_step(ctx.process, model, traj.xs[k], k, traj.cond, traj.states[k]).mean
+            base_means = torch.stack([model_step(ctx.process, model, traj.xs[k], k, traj.cond, b_states[k]).mean
                                       for k in range(K)])
         step_costs = self.control_costs(traj, base_means)
         cost_to_go = -self.reward_scale * reward.double()

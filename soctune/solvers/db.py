@@ -41,7 +41,7 @@ from torch import Tensor
 from ..models.base import Denoiser, index_batch
 from ..registry import SoctuneError
 from ..sde.base import Process
-from ..trajectory import Trajectory, model_step
+from ..trajectory import Trajectory, base_states, model_step
 from .base import FinetuneContext, LossOutput, Solver, register_solver
 from .nabla_db import (FlowNet, GammaSpec, anchor_loss, check_transitions, make_gamma, rollout_for_training,
                        subsample_transitions, terminal_index, terminal_map)
@@ -162,8 +162,9 @@ class DetailedBalance(Solver):
             logp_ft = Process.log_prob(x_next, out.mean, std)
         x1_k = out.x1_hat.detach() if (out.x1_hat is not None and self.lookahead_model == "finetuned") else None
         if self.variant == "residual-db":
+            b_state = index_batch(base_states(process, model, traj)[k], idx, B)
             with torch.no_grad(), model.base():
-                out_b = model_step(process, model, x, k, cond, state)
+                out_b = model_step(process, model, x, k, cond, b_state)
             if self.lookahead_model == "base" and out_b.x1_hat is not None:
                 x1_k = out_b.x1_hat
             logp_ref = self.prior_strength * Process.log_prob(x_next, out_b.mean, std)

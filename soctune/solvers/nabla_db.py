@@ -87,7 +87,7 @@ from torch import Tensor, nn
 from ..models.base import CorrectionNet, Denoiser, FourierTimeEmbedding, index_batch
 from ..registry import SoctuneError
 from ..sde.base import Process
-from ..trajectory import Trajectory, model_step, prediction_coefficients, rollout
+from ..trajectory import Trajectory, base_states, model_step, prediction_coefficients, rollout
 from .base import FinetuneContext, LossOutput, Solver, control_units, register_solver
 
 GammaSpec = str | Callable[[float], float]
@@ -247,9 +247,10 @@ def terminal_map(process: Process, model: Denoiser, traj: Trajectory, x: Tensor,
                  idx: Tensor) -> Tensor:
     """Φ(x_T): the base model's deterministic tail steps T … K'−1 applied to x [b,*S] (identity
     when the last step is stochastic). Differentiable in x."""
+    states = base_states(process, model, traj)
     with model.base():
         for j in range(T, traj.num_steps):
-            state = index_batch(traj.states[j], idx, traj.batch_size)
+            state = index_batch(states[j], idx, traj.batch_size)
             x = model_step(process, model, x, j, cond, state).mean
     return x
 
@@ -469,8 +470,9 @@ class NablaDB(Solver):
                 (rg,) = torch.autograd.grad(ctx.reward(x1, cond).float().sum(), x, retain_graph=True)
                 res["reward_grad"] = rg.detach()
             xb = x.detach().requires_grad_(reverse)
+            b_state = index_batch(base_states(process, model, traj)[k], idx, traj.batch_size)
             with model.base():
-                m_b = model_step(process, model, xb, k, cond, state).mean
+                m_b = model_step(process, model, xb, k, cond, b_state).mean
             if reverse:
                 res["reverse"] = res["reverse"] - eta * reverse_score(x_next, m_b, std, xb)
         res["forward"] = forward_score(x_next, out.mean, std) - eta * forward_score(x_next, m_b.detach(), std)
@@ -507,7 +509,7 @@ class NablaDB(Solver):
         reverse condition with the forward one substituted, module docstring) and, with
         ``lookahead``, ∇_{x_k} r(x̂₁^base(x_k)) from the same base forward pass; [b,*S], detached."""
         x = traj.xs[k][idx].detach().requires_grad_(True)
-        state = index_batch(traj.states[k], idx, traj.batch_size)
+        state = index_batch(base_states(ctx.process, ctx.model, traj)[k], idx, traj.batch_size)
         reward_grad = None
         with torch.enable_grad(), ctx.model.base():
             out = model_step(ctx.process, ctx.model, x, k, cond, state)
