@@ -153,6 +153,13 @@ def _summary_table(s: dict, tilt_target: bool = True) -> Table:
     if "sw_to_target" in fid:
         label = "distance to exact tilt (SW)" if tilt_target else "distance to p_base·e^{λr} (SW; not this method's target)"
         t.add_row(label, f"{fid['sw_base_to_target']:.3f}", f"{fid['sw_to_target']:.3f}")
+    soc = s.get("soc")
+    if soc:  # a solver that minimises the SOC cost: J against its K-step lower bound
+        t.add_row("SOC cost J = E[Σ½‖u‖² − λr] (nats)", f"{soc['base_soc_cost']:.4f} ± {soc['base_soc_cost_se']:.4f}",
+                  f"{soc['soc_cost']:.4f} ± {soc['soc_cost_se']:.4f}")
+        t.add_row("J − J*_K (J*_K = −log E_base e^{λr} = "
+                  f"{soc['soc_lower_bound']:.4f} ± {soc['soc_lower_bound_se']:.4f})",
+                  f"{soc['base_soc_cost'] - soc['soc_lower_bound']:.4f}", f"{soc['soc_gap']:.4f} ± {soc['soc_gap_se']:.4f}")
     return t
 
 

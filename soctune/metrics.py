@@ -6,7 +6,6 @@ and the benchmarks alike.
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Mapping
 
@@ -135,27 +134,17 @@ def tilt_is_target(solver_name: str, solver_options: Mapping[str, Any], process:
     """Whether a run's solver samples p* ∝ p_base·e^{λr}, the tilt that "distance to the exact tilt"
     measures against (else that distance is a reference, not the method's target).
 
-    True only when all hold:
-      * the solver declares ``wants_memoryless`` (it claims the tilt on memoryless processes:
-        adjoint-matching, nabla-db, db; DRaFT and DDPO maximise the reward and never do);
-      * its prior strength η is 1 (η ≠ 1 targets p_base^η·e^{λr});
-      * it is not db's ``dag-db`` variant (fixed noising P_B: targets e^{λr} alone);
-      * the process is memoryless (``process.memoryless``: X_0 independent of X_1; otherwise the
-        initial-value bias moves the optimum away from the tilt).
+    True when the solver minimises the chain's SOC cost (:attr:`~soctune.solvers.base.Solver.claims_tilt`:
+    adjoint-matching; nabla-db and residual-db with η = 1 — not DRaFT or DDPO, which maximise the
+    reward, nor η ≠ 1 (p_base^η·e^{λr}) or dag-db (e^{λr} alone)) and the process is memoryless
+    (``process.memoryless``: X_0 independent of X_1; otherwise the initial-value bias moves the
+    optimum of the path problem away from the terminal tilt).
 
     Args:
         solver_name: the registered solver name (or plug-in path) of the run's config.
         solver_options: the run's solver options (missing ones take the class's defaults).
         process: the run's :class:`~soctune.sde.base.Process` (anything with ``memoryless``).
     """
-    from .solvers.base import SOLVERS, _load_builtin  # lazy: the metrics stay importable alone
+    from .solvers.base import get_solver  # lazy: the metrics stay importable alone
 
-    _load_builtin()
-    cls = SOLVERS.get(solver_name)
-    if not getattr(cls, "wants_memoryless", False):
-        return False
-    defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
-    options = {**defaults, **dict(solver_options)}
-    if float(options.get("prior_strength", 1.0)) != 1.0 or options.get("variant") == "dag-db":
-        return False
-    return bool(process.memoryless)
+    return get_solver(solver_name, **dict(solver_options)).claims_tilt and bool(process.memoryless)

@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from .models.base import Denoiser, base_if, resolve_sample_shape
 from .registry import SoctuneError
 from .rewards import get_reward
 from .sde.base import Process
+from .soc import cost_summary, path_costs
 from .solvers import Solver, get_solver
 from .trainer import Float32Reward, NonFiniteError, Trainer, make_accelerator
 from .trajectory import RewardFn, rollout
@@ -150,17 +151,27 @@ def train_config(cfg: dict[str, Any]) -> TrainConfig:
 
 
 # ------------------------------------------------------------------------------- sampling
+class Draw(NamedTuple):
+    """:func:`draw`'s samples: states [n, *S] and rewards [n] on the CPU, the conditioning of each batch,
+    and (when asked for) each rollout's SOC path cost [n] float64 (:func:`soctune.soc.path_costs`)."""
+
+    x: Tensor
+    rewards: Tensor
+    conds: list[Any]
+    costs: Tensor | None = None
+
+
 def draw(b: Built, n: int, seed: int, base: bool, batch: int = 256, device: str | torch.device = "cpu",
-         autocast: Any = None, cond_sampler: Any = None) -> tuple[Tensor, Tensor, Any]:
-    """n samples (states [n, *S], on the CPU) from the base or fine-tuned model with a fixed
-    seed, their rewards [n] and the conditioning used. Sampled on ``device`` (the noise comes
-    from a generator there) under ``autocast`` (a context factory, e.g. the trainer's);
-    ``cond_sampler`` overrides the run's (e.g. one prompt)."""
+         autocast: Any = None, cond_sampler: Any = None, costs: bool = False) -> Draw:
+    """n samples from the base or fine-tuned model with a fixed seed (:class:`Draw`). Sampled on
+    ``device`` (the noise comes from a generator there) under ``autocast`` (a context factory, e.g. the
+    trainer's); ``cond_sampler`` overrides the run's (e.g. one prompt). ``costs``: also each rollout's
+    SOC path cost at the solver's λ (for the fine-tuned model one more base forward per step)."""
     dev = torch.device(device)
     cond_sampler = cond_sampler or b.cond_sampler
     gen = torch.Generator(device=dev).manual_seed(seed)
     reward = Float32Reward(b.reward, dev.type)
-    xs, rs, conds = [], [], []
+    xs, rs, conds, cs = [], [], [], []
     model = b.loaded.model
     for start in range(0, n, batch):
         m = min(batch, n - start)
@@ -170,29 +181,41 @@ def draw(b: Built, n: int, seed: int, base: bool, batch: int = 256, device: str 
                 traj = rollout(b.process, model, batch_size=m, sample_shape=tuple(b.loaded.sample_shape), cond=cond,
                                generator=gen, device=dev)
             x = traj.x_final.float()
-            rs.append(reward(x, cond).cpu())
+            r = reward(x, cond)
+            if costs:
+                with (autocast or nullcontext)():
+                    cs.append(path_costs(b.process, model, traj, r, b.solver.reward_scale, controlled=not base).cpu())
+            rs.append(r.cpu())
             xs.append(x.cpu())
         conds.append(cond)
-    return torch.cat(xs), torch.cat(rs), conds
+    return Draw(torch.cat(xs), torch.cat(rs), conds, torch.cat(cs) if costs else None)
 
 
 def evaluate_pair(b: Built, n: int, seed: int, device: str | torch.device = "cpu",
                   autocast: Any = None) -> tuple[dict[str, Any], Tensor, Tensor]:
-    """Base vs fine-tuned on the same seeds. Returns (summary, base images, fine-tuned images)."""
-    xb, rb, conds = draw(b, n, seed, base=True, device=device, autocast=autocast)
-    xf, rf, _ = draw(b, n, seed, base=False, device=device, autocast=autocast)  # same seed: same prompts
+    """Base vs fine-tuned on the same seeds. Returns (summary, base images, fine-tuned images). For a
+    solver that claims the tilt (:attr:`~soctune.solvers.base.Solver.claims_tilt`) the summary's ``soc``
+    holds J of the fine-tuned chain, the K-step lower bound J*_K from the base draws and the gap
+    (:func:`soctune.soc.cost_summary`)."""
+    soc = b.solver.claims_tilt
+    base = draw(b, n, seed, base=True, device=device, autocast=autocast, costs=soc)
+    tuned = draw(b, n, seed, base=False, device=device, autocast=autocast, costs=soc)  # same seed: same prompts
+    xb, rb, xf, rf = base.x, base.rewards, tuned.x, tuned.rewards
     fb, ff = b.features(xb), b.features(xf)
     ib, i_f = b.images(xb), b.images(xf)
     before = evaluate_samples(xb, rb, fb, evaluator=b.evaluator, images=ib, target=b.target)
     after = evaluate_samples(xf, rf, ff, evaluator=b.evaluator, images=i_f, target=b.target)
     summary = compare(before, after, ff, fb)
-    prompts = [p for c in conds for p in (getattr(c, "prompts", None) or [])]
+    prompts = [p for c in base.conds for p in (getattr(c, "prompts", None) or [])]
     if len(prompts) == n:
         summary["per_prompt"] = per_prompt_rewards(prompts, rb, rf)
     r_max = getattr(b.reward, "maximum", None)
     if r_max is not None:
         summary["target_fidelity"] = tilt_fidelity(ff, fb, rb, b.solver.reward_scale, float(r_max),
                                                    torch.Generator().manual_seed(seed + 1))
+    if soc:
+        assert tuned.costs is not None and base.costs is not None
+        summary["soc"] = {"reward_scale": b.solver.reward_scale, **cost_summary(tuned.costs, base.costs)}
     return summary, ib, i_f
 
 
@@ -214,10 +237,11 @@ def save_prompt_grids(b: Built, folder: Path, prompts: list[str], n: int, seed: 
     folder.mkdir(parents=True, exist_ok=True)
     for i, prompt in enumerate(prompts):
         one = b.loaded.cond_sampler([prompt])
-        xb, rb, _ = draw(b, n, seed, base=True, device=device, autocast=autocast, cond_sampler=one)
-        xf, rf, _ = draw(b, n, seed, base=False, device=device, autocast=autocast, cond_sampler=one)
-        save_side_by_side(b.images(xb), b.images(xf), folder / f"{i:02d}.png",
-                          (f"{prompt[:40]} — base {float(rb.mean()):.3f}", f"fine-tuned {float(rf.mean()):.3f}"))
+        before = draw(b, n, seed, base=True, device=device, autocast=autocast, cond_sampler=one)
+        after = draw(b, n, seed, base=False, device=device, autocast=autocast, cond_sampler=one)
+        save_side_by_side(b.images(before.x), b.images(after.x), folder / f"{i:02d}.png",
+                          (f"{prompt[:40]} — base {float(before.rewards.mean()):.3f}",
+                           f"fine-tuned {float(after.rewards.mean()):.3f}"))
 
 
 # ------------------------------------------------------------------------------- run folders

@@ -11,6 +11,8 @@ Euler–Maruyama, u_k = √Δt_k·u(x_k, t_k), so u_k/√Δt_k is the control in
 * :func:`soc_cost`: J = E[Σ_k ½‖u_k‖² + Σ_k Δt_k f(x_k, t_k) − λ r(x_K)] on the model's own rollouts;
 * :func:`soc_lower_bound`: J*_K = −log E_base[exp(λ r(x_K) − Σ_k Δt_k f(x_k, t_k))], the least J any
   control of this K-step chain reaches (Donsker–Varadhan), by Monte Carlo over base rollouts;
+* :func:`path_costs` / :func:`cost_summary`: the same from rollouts a caller already drew (``soctune
+  evaluate`` reports J, J*_K and the gap of a run);
 * :func:`control_l2_error`: E[Σ_k ‖u_k/√Δt_k − u*(x_k, t_k)‖² Δt_k] on rollouts of the learned control
   against a known optimal control u*, and the same ratio for the zero control.
 
@@ -128,6 +130,41 @@ def _mean_se(values: Tensor) -> tuple[float, float]:
     return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
 
 
+def path_costs(process: Process, model: Denoiser, traj: Trajectory, rewards: Tensor, reward_scale: float,
+               controlled: bool = True) -> Tensor:
+    """The SOC cost of each rollout, [B] float64: Σ_k ½‖u_k‖² (when ``controlled``; 0 for a rollout of the
+    base itself) + Σ_k Δt_k f(x_k, t_k) − λ r(x_K), with ``rewards`` [B] the rollout's r(x_K).
+
+    J = E[path cost] on rollouts of ``model``; on BASE rollouts (``controlled=False``)
+    J*_K = −log E[exp(−path cost)] (:func:`cost_summary`)."""
+    cost = running_costs(process, traj) - reward_scale * rewards.to(device=traj.xs.device, dtype=torch.float64)
+    if controlled:
+        for u in step_controls(process, model, traj, traj.cond).values():
+            cost = cost + 0.5 * u.flatten(1).double().pow(2).sum(1)
+    return cost
+
+
+def lower_bound_of(base_costs: Tensor) -> tuple[float, float]:
+    """J*_K = −log mean exp(−c_i) over the path costs c_i [n] of BASE rollouts, and the delta-method
+    standard error sd(e^{−c_i}) / (√n·mean e^{−c}) (logsumexp: no overflow)."""
+    ell = -base_costs.double()
+    log_mean = torch.logsumexp(ell, 0) - math.log(ell.numel())
+    rel = torch.exp(ell - log_mean)  # e^{ℓ_i} / mean e^{ℓ}
+    return float(-log_mean), float(rel.std() / math.sqrt(ell.numel()))
+
+
+def cost_summary(costs: Tensor, base_costs: Tensor) -> dict[str, float]:
+    """``soctune evaluate``'s SOC report from the path costs [n] of fine-tuned and of base rollouts
+    (:func:`path_costs`): J (``soc_cost``), the base's own J (``base_soc_cost``: no control cost), J*_K
+    (``soc_lower_bound``), J − J*_K (``soc_gap``, ≥ 0 up to noise: the gap is KL(fine-tuned path ‖ tilted
+    base path)) and their standard errors."""
+    j, j_se = _mean_se(costs.double())
+    j_base, j_base_se = _mean_se(base_costs.double())
+    lb, lb_se = lower_bound_of(base_costs)
+    return {"soc_cost": j, "soc_cost_se": j_se, "base_soc_cost": j_base, "base_soc_cost_se": j_base_se,
+            "soc_lower_bound": lb, "soc_lower_bound_se": lb_se, "soc_gap": j - lb, "soc_gap_se": math.hypot(j_se, lb_se)}
+
+
 @torch.no_grad()
 def soc_cost(process: Process, model: Denoiser, reward: RewardFn, reward_scale: float, n: int,
              generator: torch.Generator, *, sample_shape: tuple[int, ...], cond: Any = None) -> tuple[float, float]:
@@ -145,10 +182,7 @@ def soc_cost(process: Process, model: Denoiser, reward: RewardFn, reward_scale: 
     totals = []
     for b in _chunks(n):
         traj = rollout(process, model, batch_size=b, sample_shape=sample_shape, cond=cond, generator=generator)
-        cost = running_costs(process, traj) - reward_scale * _reward(reward, traj.xs[-1], cond)
-        for u in step_controls(process, model, traj, cond).values():
-            cost += 0.5 * u.flatten(1).double().pow(2).sum(1)
-        totals.append(cost)
+        totals.append(path_costs(process, model, traj, _reward(reward, traj.xs[-1], cond), reward_scale))
     return _mean_se(torch.cat(totals))
 
 
@@ -167,15 +201,13 @@ def soc_lower_bound(process: Process, model: Denoiser, reward: RewardFn, reward_
         (J*_K, s.e.) in nats.
     """
     _check(n, reward_scale)
-    logs = []
+    costs = []
     with model.base():
         for b in _chunks(n):
             traj = rollout(process, model, batch_size=b, sample_shape=sample_shape, cond=cond, generator=generator)
-            logs.append(reward_scale * _reward(reward, traj.xs[-1], cond) - running_costs(process, traj))
-    ell = torch.cat(logs)
-    log_mean = torch.logsumexp(ell, 0) - math.log(ell.numel())
-    rel = torch.exp(ell - log_mean)  # e^{ℓ_i} / mean e^{ℓ}
-    return float(-log_mean), float(rel.std() / math.sqrt(ell.numel()))
+            costs.append(path_costs(process, model, traj, _reward(reward, traj.xs[-1], cond), reward_scale,
+                                    controlled=False))
+    return lower_bound_of(torch.cat(costs))
 
 
 @torch.no_grad()

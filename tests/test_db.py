@@ -56,6 +56,8 @@ def test_two_iterations_finite_without_reward_gradients(variant: str, process_na
         assert h["updates"] == 2.0
         for key in ("loss", "loss_db", "loss_anchor", "reward_mean", "reward_std"):
             assert math.isfinite(h[key]), (key, h)
+        # residual-db evaluates the base means: it logs the SOC cost; dag-db (no base, not the tilt) does not
+        assert ("soc_cost" in h) == (variant == "residual-db"), h
     # the scalar flow network is a trained sub-module
     assert any(float(p.detach().abs().max()) > 0 for p in solver.flow.net.out.parameters())
 

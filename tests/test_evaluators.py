@@ -111,15 +111,18 @@ def test_feature_extractors_by_evaluator_name():
         feature_extractor("os:getcwd")
 
 
-@pytest.mark.parametrize("full", [True, False])
-def test_evaluate_loads_the_runs_trained_weights(tmp_path, full):
+@pytest.mark.parametrize("full,solver", [(True, "draft"), (False, "adjoint-matching")])
+def test_evaluate_loads_the_runs_trained_weights(tmp_path, full, solver):
     """`soctune evaluate` reproduces the run's own after-metrics (same n and seed), so it
     evaluates the trained network — model/ for a full fine-tuning run, lora/ otherwise — not an
-    untouched copy; without them it is a one-line error."""
+    untouched copy; without them it is a one-line error. A solver that claims the tilt gets the SOC
+    report (J of both chains, J*_K, the gap), a reward maximiser (DRaFT) none."""
     from soctune.run import evaluate_run, finetune_config
 
     folder = tiny_pixel_model(tmp_path / "m")
-    cfg = tiny_config(str(folder), f"model.full_finetune={str(full).lower()}", "reward=brightness", "train.iters=3",
+    extra = ["solver.step_weighting=am"] if solver == "adjoint-matching" else []  # the tiny model clips x̂₁
+    cfg = tiny_config(str(folder), f"model.full_finetune={str(full).lower()}", f"solver.name={solver}", *extra,
+                      "reward=brightness", "train.iters=3",
                       "train.batch_size=4", "train.lr=0.05", "eval.n_samples=8", "eval.grid=4")
     run = finetune_config(cfg, out=tmp_path / "run")
     trained = tmp_path / "run" / ("model" if full else "lora")
@@ -129,6 +132,14 @@ def test_evaluate_loads_the_runs_trained_weights(tmp_path, full):
     assert after == pytest.approx(run.summary["after"]["reward_mean"], abs=1e-5)
     assert before == pytest.approx(run.summary["before"]["reward_mean"], abs=1e-5)
     assert abs(after - before) > 1e-4  # the run changed the model, and the evaluation sees it
+    if solver == "draft":
+        assert "soc" not in summary
+    else:  # J of both chains and the K-step bound from the same draws
+        soc = summary["soc"]
+        assert soc["base_soc_cost"] == pytest.approx(-soc["reward_scale"] * before, rel=1e-4, abs=1e-5)  # no control
+        assert soc["soc_cost"] > -soc["reward_scale"] * after  # + Σ½‖u‖² > 0
+        assert soc["soc_gap"] == pytest.approx(soc["soc_cost"] - soc["soc_lower_bound"])
+        assert soc["soc_gap"] > -3 * soc["soc_gap_se"]  # Donsker–Varadhan: J ≥ J*_K up to noise
     assert json.loads((tmp_path / "run" / "evaluation.json").read_text())["after"]["reward_mean"] == after
     for f in trained.glob("*.safetensors"):
         f.unlink()

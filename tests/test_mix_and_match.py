@@ -80,6 +80,7 @@ GRID_PROCESSES: dict[str, tuple[str, dict[str, Any]]] = {
     "ddpm-deterministic": ("ddpm", {"noise_scale": 0.0}),  # DDIM
     "dpmpp-sde": ("dpmpp-sde", {}),
     "dpmpp-sde-zero": ("dpmpp-sde", {"final_sigmas_type": "zero"}),
+    "dpmpp-sde-order2": ("dpmpp-sde", {"order": 2}),  # multistep: the tilt solvers warn, and run
     "fm-memoryless": ("fm-memoryless", {}),
     "fm-half-noise": ("fm-memoryless", {"noise_scale": 0.5}),
     "fm-ode": ("fm-memoryless", {"noise_scale": 0.0}),

@@ -15,8 +15,9 @@ from soctune.rewards.base import LinearReward
 from soctune.sde import Process, get_process, list_processes
 from soctune.solvers import get_solver
 from soctune.solvers.base import FinetuneContext
-from soctune.solvers.nabla_db import (forward_score, make_gamma, reverse_score, subsample_transitions,
-                                      terminal_index)
+from soctune.soc import path_costs
+from soctune.solvers.nabla_db import (SocCostEstimate, forward_score, inclusion_weights, make_gamma, reverse_score,
+                                      subsample_transitions, terminal_index)
 from soctune.trajectory import model_step, rollout
 
 PROCESSES = [("ddpm", "epsilon"), ("fm-memoryless", "velocity")]
@@ -99,6 +100,47 @@ def test_subsample_always_contains_the_last_stochastic_transition() -> None:
     assert traj.stochastic_steps()[-1] == 8 and terminal_index(traj) == 9
 
 
+def test_inclusion_weights_give_an_unbiased_sum() -> None:
+    """Σ_{k picked} g_k/π_k over subsample_transitions' draws averages to Σ_k g_k (Horvitz–Thompson): 4000
+    draws per setting, within 4 standard errors of their mean; every step picked every time with
+    transitions 1.0; the steps never picked (a count of 1: the last transition only) weigh ∞."""
+    gen = torch.Generator().manual_seed(0)
+    steps = list(range(23))
+    g = torch.rand(len(steps), generator=gen, dtype=torch.float64) + 0.5
+    for transitions in (0.25, 0.5, 3):
+        for stratified in (True, False):
+            w = inclusion_weights(steps, transitions, stratified)
+            est = torch.tensor([sum(w[k] * float(g[k]) for k in subsample_transitions(steps, transitions, gen, stratified))
+                                for _ in range(4000)], dtype=torch.float64)
+            se = float(est.std()) / math.sqrt(est.numel())
+            assert abs(float(est.mean()) - float(g.sum())) < 4 * se, (transitions, stratified)
+    assert set(inclusion_weights(steps, 1.0).values()) == {1.0}
+    w1 = inclusion_weights(steps, 1)
+    assert w1[22] == 1.0 and all(math.isinf(w1[k]) for k in steps[:-1])
+
+
+@pytest.mark.parametrize("process_name,pred_type", PROCESSES)
+def test_logged_soc_cost_is_the_rollouts_cost(process_name: str, pred_type: str) -> None:
+    """With every transition evaluated (transitions 1.0) the logged soc_cost equals J of the rollout by
+    soctune.soc.path_costs (Σ ½‖u_k‖² − λr per sample; u_k from the rollout's recorded means), and it is
+    split over two chunks of samples the way inner_steps splits them."""
+    process, model, solver, ctx, traj = _setup(process_name, pred_type, transitions=1.0, reward_scale=2.0)
+    with torch.no_grad():  # a non-zero control
+        model.correction.out.weight.normal_(std=0.3)
+        model.correction.out.bias.normal_(std=0.3)
+    traj = rollout(process, model, batch_size=16, sample_shape=(2,), generator=torch.Generator().manual_seed(1))
+    reward = ctx.reward(traj.xs[-1], None)
+    T = terminal_index(traj)
+    est = SocCostEstimate(solver, traj, T, reward)
+    for idx in torch.arange(16).tensor_split(2):
+        for k in range(T):
+            est.add(k, solver.residual_scores(ctx, traj, k, None, idx, reverse=False)["control_sq"], idx)
+    exact = path_costs(process, model, traj, reward, 2.0)
+    metrics = est.metrics()
+    assert metrics["control_cost"] > 0.01
+    assert metrics["soc_cost"] == pytest.approx(float(exact.mean()), rel=1e-4, abs=1e-5)
+
+
 @pytest.mark.parametrize("process_name,pred_type", PROCESSES)
 def test_two_iterations_give_finite_losses(process_name: str, pred_type: str) -> None:
     process = get_process(process_name, num_steps=10)
@@ -110,8 +152,10 @@ def test_two_iterations_give_finite_losses(process_name: str, pred_type: str) ->
     assert len(hist) == 2
     for h in hist:
         assert h["updates"] == 2.0
-        for key in ("loss", "loss_forward", "loss_reverse", "loss_terminal", "reward_mean", "reward_std"):
+        for key in ("loss", "loss_forward", "loss_reverse", "loss_terminal", "reward_mean", "reward_std",
+                    "control_cost", "soc_cost"):
             assert math.isfinite(h[key]), (key, h)
+        assert h["soc_cost"] == pytest.approx(h["control_cost"] - h["reward_mean"], abs=1e-5)  # λ = 1
     # after the first update the trust-region term sees the moved policy
     assert hist[-1]["loss_reg"] > 0
     # the flow network is trained with the model

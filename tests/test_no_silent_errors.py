@@ -198,6 +198,11 @@ def test_evaluate_table_labels_the_distance_by_the_runs_target() -> None:
         return console.export_text()
 
     assert "distance to exact tilt" in text(True) and "not this method's target" not in text(True)
+    assert "SOC cost" not in text(True)
+    summary["soc"] = {"soc_cost": -0.5, "soc_cost_se": 0.01, "base_soc_cost": -0.2, "base_soc_cost_se": 0.01,
+                      "soc_lower_bound": -0.6, "soc_lower_bound_se": 0.02, "soc_gap": 0.1, "soc_gap_se": 0.022}
+    assert "-0.2000 ± 0.0100" in text(True) and "-0.5000 ± 0.0100" in text(True)  # J: base, fine-tuned
+    assert "J*_K = −log E_base e^{λr} = -0.6000" in text(True) and "0.1000 ± 0.0220" in text(True)
     assert "distance to p_base·e^{λr} (SW; not this method's target)" in text(False)
     assert "exact tilt" not in text(False)
 
@@ -318,10 +323,34 @@ def test_control_gain_model_builds_on_a_multistep_process() -> None:
     along a threaded state (it used to probe every step with the initial state and fail)."""
     from soctune.models.control import ControlGainDenoiser
 
-    process = get_process("dpmpp-sde", num_steps=6)
+    process = get_process("dpmpp-sde", num_steps=6, order=2)
     model = ControlGainDenoiser(GaussianMixtureDenoiser(two_mode_mixture(), process, "epsilon"), process,
                                 hidden=8, depth=1)
     assert model.gains.shape == (6,) and bool((model.gains[:-1] > 0).all())
     with torch.no_grad():
         x = rollout(process, model, batch_size=4, generator=torch.Generator().manual_seed(0)).x_final
     assert x.shape == (4, 2) and torch.isfinite(x).all()
+
+
+def test_tilt_solvers_warn_on_a_multistep_chain() -> None:
+    """Order-2 dpmpp-sde reads the previous x̂₁ (Process.multistep): the solvers that claim the tilt warn
+    once at construction that their conditions are approximate there; the default (order 1) and the
+    reward maximisers stay silent."""
+    import warnings
+
+    from soctune.solvers import get_solver
+
+    order2, order1 = get_process("dpmpp-sde", num_steps=6, order=2), get_process("dpmpp-sde", num_steps=6)
+    assert order2.multistep and not order1.multistep
+    model = GaussianMixtureDenoiser(two_mode_mixture(), order1, "epsilon")
+    for name, opts in (("adjoint-matching", {}), ("nabla-db", {}), ("db", {})):
+        with pytest.warns(UserWarning, match="multistep kernel.*order=1"):
+            get_solver(name, **opts).check(order2, model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            get_solver(name, **opts).check(order1, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ("draft", "ddpo"):
+            get_solver(name).check(order2, model)
+        get_solver("db", variant="dag-db").check(order2, model)

@@ -23,9 +23,10 @@ B = 8
 
 # non-default options of built-ins whose kernels differ (kept only if the process is registered)
 EXTRA_VARIANTS: list[tuple[str, dict[str, Any]]] = [
-    ("dpmpp-sde", {"order": 1}),
+    ("dpmpp-sde", {"order": 2}),
     ("dpmpp-sde", {"final_sigmas_type": "zero"}),
-    ("dpmpp-sde", {"num_steps": 16}),  # order 2 through the last step (K ≥ 15, σ_min)
+    ("dpmpp-sde", {"order": 2, "final_sigmas_type": "zero"}),
+    ("dpmpp-sde", {"order": 2, "num_steps": 16}),  # order 2 through the last step (K ≥ 15, σ_min)
     ("fm-memoryless", {"kernel": "euler"}),
     ("fm-memoryless", {"noise_scale": 0.5}),
     ("ddpm", {"scheduler_config": {"clip_sample": True, "beta_schedule": "squaredcos_cap_v2"}}),

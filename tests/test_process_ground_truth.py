@@ -36,7 +36,7 @@ W_TOL, MU_TOL, CORR_TOL = 0.03, 0.1, 0.07
 MIXTURES: dict[str, Callable[[], GaussianMixture]] = {"two-mode": two_mode_mixture, "three-mode": three_mode_mixture}
 GAUSSIAN_PATH = [n for n in conformance_process_names() if issubclass(PROCESSES.get(n), GaussianPathProcess)]
 CASES: list[tuple[str, dict[str, Any]]] = [(n, {}) for n in GAUSSIAN_PATH] + [
-    (n, o) for n, o in [("dpmpp-sde", {"order": 1}), ("fm-memoryless", {"noise_scale": 0.0}),
+    (n, o) for n, o in [("dpmpp-sde", {"order": 2}), ("fm-memoryless", {"noise_scale": 0.0}),
                         ("fm-memoryless", {"noise_scale": 0.5})] if n in GAUSSIAN_PATH
 ]
 IDS = [n + "".join(f"-{k}={v}" for k, v in o.items()) for n, o in CASES]

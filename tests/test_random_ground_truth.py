@@ -121,7 +121,7 @@ def test_kstep_optimum_cost_tends_to_minus_log_z(process_name: str) -> None:
 
 
 def test_order2_controls_are_the_path_kl_to_the_base_chain() -> None:
-    """On the default (order-2) dpmpp-sde the step mean reads the previous x̂₁. For a perturbed
+    """On order-2 dpmpp-sde the step mean reads the previous x̂₁. For a perturbed
     ControlGainDenoiser (benchmarks/ground_truth.correction_model):
     (a) step_controls' u_k is (m_θ(x_k; x̂₁^θ(x_{k−1})) − m_base(x_k; x̂₁^base(x_{k−1})))/s_k, the base chain
         replayed here by hand along the rollout's states — the step of the KL to the base PATH measure;
@@ -130,8 +130,8 @@ def test_order2_controls_are_the_path_kl_to_the_base_chain() -> None:
         at the scaled-down correction of (c): J 0.028 ± 0.003 against J*_K −0.048 ± 0.003; with the fine-tuned
         x̂₁ in the base mean (the convention before base_states) J read −0.020, i.e. it under-counted."""
     p = random_tilt_problem(0)
-    process = ground_truth.make_process("dpmpp-sde")
-    assert process.order == 2
+    process = get_process("dpmpp-sde", num_steps=ground_truth.K, order=2)
+    assert process.multistep
     torch.manual_seed(0)
     model = ground_truth.correction_model(p, "dpmpp-sde", process, hidden=32, depth=2)
     with torch.no_grad():  # the net starts at zero output: give it a non-trivial one

@@ -118,6 +118,13 @@ class Process(nn.Module):
         """State entering step 0 (empty for one-step kernels)."""
         return {}
 
+    @property
+    def multistep(self) -> bool:
+        """Whether some step's mean reads the state earlier steps left (e.g. a multistep solver's previous
+        x̂₁): the chain is then Markov in (x_k, state), not in x_k alone, and methods whose conditions are
+        written on x_k (detailed-balance flows F(x_k), the adjoint through x_k) hold only approximately."""
+        return False
+
     def check_model(self, model: Denoiser) -> None:
         """Raise a one-line error if the process cannot use this model's prediction type."""
         pt = getattr(model, "prediction_type", None)

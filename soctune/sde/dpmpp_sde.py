@@ -1,5 +1,12 @@
 """SDE-DPM-Solver++ (order 1 and 2): diffusers' ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")``.
 
+Order 1 is the default, as in the ∇-GFlowNet paper's fine-tuning code: the second-order step reads the
+previous step's data estimate, so the chain is not Markov in x (:attr:`~soctune.sde.base.Process.multistep`)
+and the tilt solvers' conditions, written on x_k, no longer hold exactly (the solvers warn;
+benchmarks/ground_truth.py measures nabla-db on both orders against the closed-form tilt, in
+RESULTS.md). Order 2 (diffusers' default ``solver_order``) remains for sampling and for the
+reward maximisers (DRaFT, DDPO).
+
 With λ = log(α/β) (log-SNR/2 on the VP path x_t = α_t x₁ + β_t ε) and h = λ_t − λ_s for the
 step from s = t_k to t = t_{k+1}, the first-order step is
 
@@ -34,7 +41,7 @@ _UNSUPPORTED_SIGMAS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_
                        "use_flow_sigmas")
 
 
-@register_process("dpmpp-sde", "SDE-DPM-Solver++ order 1/2 (diffusers' sde-dpmsolver++) on the model's VP schedule; for ε, v or x̂₁ (sample) models")
+@register_process("dpmpp-sde", "SDE-DPM-Solver++ (diffusers' sde-dpmsolver++; order 1, or order=2) on the model's VP schedule; for ε, v or x̂₁ (sample) models")
 class DPMSolverSDE(GaussianPathProcess):
     """SDE-DPM-Solver++ on the discrete ᾱ schedule of a diffusers scheduler config, step for
     step equal to ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++",
@@ -68,7 +75,8 @@ class DPMSolverSDE(GaussianPathProcess):
 
     Args:
         num_steps: K inference steps.
-        order: 1 or 2 (diffusers' ``solver_order``; overrides the config's).
+        order: 1 (default: a chain Markov in x, see the module docstring) or 2 (diffusers'
+            ``solver_order``; overrides the config's).
         scheduler_config: a diffusers scheduler config (dict, file or folder; DDPM/DDIM/PNDM/
             DPM configs all work, keys DPM does not know are ignored as in diffusers);
             ``None`` = diffusers' defaults.
@@ -79,7 +87,7 @@ class DPMSolverSDE(GaussianPathProcess):
 
     accepts = ("epsilon", "v_prediction", "sample")
 
-    def __init__(self, num_steps: int = 25, order: int = 2,
+    def __init__(self, num_steps: int = 25, order: int = 1,
                  scheduler_config: dict[str, Any] | str | Path | None = None,
                  final_sigmas_type: str = "sigma_min", time_offset: float = 1e-3) -> None:
         from diffusers import DPMSolverMultistepScheduler
@@ -121,6 +129,10 @@ class DPMSolverSDE(GaussianPathProcess):
         if not bool((ts[1:] > ts[:-1]).all()):
             raise SoctuneError(f"num_steps={num_steps} gives repeated timesteps on this schedule; use fewer steps")
         return ts
+
+    @property
+    def multistep(self) -> bool:
+        return 2 in self._orders
 
     def _step_orders(self, K: int) -> list[int]:
         """Order of each step, as ``DPMSolverMultistepScheduler.step`` decides it."""

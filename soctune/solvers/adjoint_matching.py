@@ -173,6 +173,10 @@ class AdjointMatching(Solver):
         return "score" if math.prod(sample_shape) <= self.SCORE_MAX_DIM and not adjoint_only else "pathwise"
 
     # ---- checks ------------------------------------------------------------------------------
+    @property
+    def claims_tilt(self) -> bool:
+        return True
+
     def check(self, process: Process, model: Denoiser) -> None:
         super().check(process, model)
         if not process.memoryless:

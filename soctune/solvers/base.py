@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.base import Denoiser
-from ..registry import Registry, import_submodules, SoctuneError
+from ..registry import Registry, SoctuneError, import_submodules, warn_user
 from ..sde.base import Process
 from ..trajectory import RewardFn
 
@@ -89,6 +89,13 @@ class Solver(nn.Module):
             raise SoctuneError(f"reward_scale (λ) must be > 0, got {reward_scale}")
         self.reward_scale = float(reward_scale)
 
+    @property
+    def claims_tilt(self) -> bool:
+        """Whether the method minimises the SOC cost J = E[Σ ½‖u_k‖² − λ r] of the chain (its optimum the
+        base path measure tilted by e^{λr}): it then logs ``soc_cost`` and ``soctune evaluate`` reports J
+        against the K-step lower bound (:mod:`soctune.soc`)."""
+        return False
+
     def check(self, process: Process, model: Denoiser) -> None:
         """Raise :class:`SoctuneError` (one line) for an impossible pair; warn for a
         possible one whose result is not the tilt."""
@@ -96,6 +103,11 @@ class Solver(nn.Module):
             raise SoctuneError(
                 f"process '{process.registered_name}' has a running state cost, which solver '{self.registered_name}' "
                 "ignores (it would optimise the terminal reward alone); use adjoint-matching")
+        if self.claims_tilt and process.multistep:
+            warn_user(
+                f"solver '{self.registered_name}' on '{process.registered_name}' with a multistep kernel: its step means "
+                "read earlier predictions, so the chain is not Markov in x and the method's optimality conditions "
+                "hold only approximately (not the exact tilt); use a one-step kernel (dpmpp-sde: order=1, the default)")
         if self.needs_stochastic and all(
                 float(s) == 0 for s in _probe_stds(process)):
             raise SoctuneError(

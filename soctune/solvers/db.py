@@ -43,8 +43,8 @@ from ..registry import SoctuneError
 from ..sde.base import Process
 from ..trajectory import Trajectory, base_states, model_step
 from .base import FinetuneContext, LossOutput, Solver, register_solver
-from .nabla_db import (FlowNet, GammaSpec, anchor_loss, check_transitions, make_gamma, rollout_for_training,
-                       subsample_transitions, terminal_index, terminal_map)
+from .nabla_db import (FlowNet, GammaSpec, SocCostEstimate, anchor_loss, check_transitions, make_gamma,
+                       rollout_for_training, subsample_transitions, terminal_index, terminal_map)
 
 
 @register_solver("db", "Gradient-free detailed balance with a scalar flow: variant dag-db (fixed noising P_B) or residual-db")
@@ -96,6 +96,10 @@ class DetailedBalance(Solver):
                                  time_features=int(flow_time_features))
         self.flow: FlowNet | None = None
         self._gamma_fn: Callable[[float], float] | None = None
+
+    @property
+    def claims_tilt(self) -> bool:  # dag-db targets e^{λr} alone; residual-db with η ≠ 1 p_base^η·e^{λr}
+        return self.variant == "residual-db" and self.prior_strength == 1.0
 
     def check(self, process: Process, model: Denoiser) -> None:
         super().check(process, model)
@@ -150,8 +154,10 @@ class DetailedBalance(Solver):
         tb = torch.full((x.shape[0],), float(traj.ts[k]), dtype=x.dtype, device=x.device)
         return self.lookahead(ctx, traj, k, x, cond, idx, x1) + self.flow(x, tb)
 
-    def residual(self, ctx: FinetuneContext, traj: Trajectory, k: int, T: int, cond: Any, idx: Tensor) -> Tensor:
-        """δ_k per sample, [b] (graph into θ through log P_F^θ and into φ through the flows)."""
+    def residual(self, ctx: FinetuneContext, traj: Trajectory, k: int, T: int, cond: Any, idx: Tensor,
+                 soc: SocCostEstimate | None = None) -> Tensor:
+        """δ_k per sample, [b] (graph into θ through log P_F^θ and into φ through the flows). With ``soc``
+        (residual-db), the rollout's ½‖u_k‖² from the base mean computed here is added to it."""
         process, model = ctx.process, ctx.model
         B = traj.batch_size
         x, x_next = traj.xs[k][idx], traj.xs[k + 1][idx]
@@ -168,6 +174,8 @@ class DetailedBalance(Solver):
             if self.lookahead_model == "base" and out_b.x1_hat is not None:
                 x1_k = out_b.x1_hat
             logp_ref = self.prior_strength * Process.log_prob(x_next, out_b.mean, std)
+            if soc is not None:
+                soc.add(k, 0.5 * ((traj.means[k][idx] - out_b.mean) / std).flatten(1).double().pow(2).sum(1), idx)
         else:
             logp_ref = self.backward_log_prob(process, traj, k, x, x_next)
         return (self.log_flow(ctx, traj, k, x, cond, idx, T, x1_k) + logp_ft - logp_ref
@@ -181,16 +189,17 @@ class DetailedBalance(Solver):
         B = traj.batch_size
         chunks = torch.arange(B, device=traj.xs.device).tensor_split(self.inner_steps)
         metrics0 = {"reward_mean": float(reward.mean()), "reward_std": float(reward.std(unbiased=False))}
+        soc = SocCostEstimate(self, traj, T, reward) if self.variant == "residual-db" else None
         for idx in chunks:
             if idx.numel() == 0:
                 continue
             ks = subsample_transitions(list(range(T)), self.transitions, ctx.generator, self.stratified)
             cond = index_batch(traj.cond, idx, B)
-            l_db = torch.stack([self.residual(ctx, traj, k, T, cond, idx).pow(2).mean() for k in ks]).mean()
+            l_db = torch.stack([self.residual(ctx, traj, k, T, cond, idx, soc).pow(2).mean() for k in ks]).mean()
             zero = torch.zeros((), device=traj.xs.device)
             l_anchor = (anchor_loss(ctx.process, ctx.model, traj, T, cond, idx)
                         if self.anchor_weight > 0 and T < traj.num_steps else zero)
             loss = l_db + self.anchor_weight * l_anchor
             metrics = dict(metrics0, num_transitions=float(len(ks)), loss_db=float(l_db.detach()),
-                           loss_anchor=float(l_anchor.detach()))
+                           loss_anchor=float(l_anchor.detach()), **(soc.metrics() if soc is not None else {}))
             yield LossOutput(loss=loss, metrics=metrics)

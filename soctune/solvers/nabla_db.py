@@ -169,6 +169,11 @@ class FlowNet(nn.Module):
 
 
 # ---- helpers shared with the gradient-free DB solver (soctune.solvers.db) --------------------
+def _subset_size(n_all: int, transitions: float | int) -> int:
+    n = max(1, round(transitions * n_all)) if isinstance(transitions, float) else int(transitions)
+    return min(n, n_all)
+
+
 def subsample_transitions(stochastic: list[int], transitions: float | int, generator: torch.Generator,
                           stratified: bool = True) -> list[int]:
     """Pick the transitions entering the loss: the last stochastic one always, plus random others.
@@ -180,9 +185,7 @@ def subsample_transitions(stochastic: list[int], transitions: float | int, gener
     """
     if not stochastic:
         raise SoctuneError("the trajectory has no stochastic step; raise the process's noise_scale")
-    n_all = len(stochastic)
-    n = max(1, round(transitions * n_all)) if isinstance(transitions, float) else int(transitions)
-    n = min(n, n_all)
+    n = _subset_size(len(stochastic), transitions)
     last, rest = stochastic[-1], stochastic[:-1]
     n_rest = n - 1
     if n_rest <= 0:
@@ -196,6 +199,25 @@ def subsample_transitions(stochastic: list[int], transitions: float | int, gener
     else:
         picks = torch.randperm(len(rest), generator=generator, device=dev)[:n_rest].tolist()
     return sorted({rest[i] for i in picks} | {last})
+
+
+def inclusion_weights(stochastic: list[int], transitions: float | int, stratified: bool = True) -> dict[int, float]:
+    """1/π_k for every step k of ``stochastic``: π_k the probability that :func:`subsample_transitions`
+    (same arguments) picks k. Σ_{k ∈ picked} g_k/π_k is then an unbiased estimate of Σ_k g_k
+    (Horvitz–Thompson), e.g. of a rollout's control cost from the transitions a solver evaluated."""
+    n_rest = _subset_size(len(stochastic), transitions) - 1
+    last, rest = stochastic[-1], stochastic[:-1]
+    out = {last: 1.0}
+    if n_rest >= len(rest):
+        return {**{k: 1.0 for k in rest}, **out}
+    if n_rest <= 0:
+        return {**{k: math.inf for k in rest}, **out}
+    if stratified:
+        for chunk in torch.arange(len(rest)).tensor_split(n_rest):
+            out.update({rest[int(i)]: float(len(chunk)) for i in chunk})
+    else:
+        out.update({k: len(rest) / n_rest for k in rest})
+    return out
 
 
 def check_transitions(transitions: float | int) -> None:
@@ -294,6 +316,41 @@ def reverse_score(x_next: Tensor, mean: Tensor, std: Tensor, x: Tensor, retain_g
 
 
 # ---- the solver ----------------------------------------------------------------------------
+class SocCostEstimate:
+    """The SOC cost J = E[Σ_k ½‖u_k‖² − λ r] of a training rollout, estimated from the transitions a
+    DB-type solver evaluates anyway (their base means give u_k = (m_rollout − m_base)/s_k): each chunk of
+    samples adds Σ_{k picked} ½‖u_k‖²/π_k (:func:`inclusion_weights`, unbiased for the whole chain's
+    control cost), so logging it costs no forward pass. Metrics ``control_cost`` and ``soc_cost``, the
+    running means over the samples seen so far this iteration; none when some step can never be
+    picked (``transitions`` 1: the last transition only)."""
+
+    def __init__(self, solver: Any, traj: Trajectory, T: int, reward: Tensor) -> None:
+        steps = list(range(T))
+        self.weights = inclusion_weights(steps, solver.transitions, solver.stratified) if steps else {}
+        self.ok = bool(steps) and all(math.isfinite(w) for w in self.weights.values())
+        self.stds = traj.stds
+        self.reward = reward.detach().double()
+        self.scale = solver.reward_scale
+        # per chunk of samples (keyed by its first index): its indices, Σ_k w_k ½‖u_k‖² per sample
+        self.rows: dict[int, Tensor] = {}
+        self.sums: dict[int, Tensor] = {}
+
+    def add(self, k: int, control_sq: Tensor, idx: Tensor) -> None:
+        """Step k's ½‖u_k‖² [b] on the samples ``idx`` [b]."""
+        if not self.ok or float(self.stds[k]) == 0:
+            return
+        key = int(idx[0])
+        self.rows[key] = idx
+        self.sums[key] = self.sums.get(key, 0) + self.weights[k] * control_sq.detach().double()
+
+    def metrics(self) -> dict[str, float]:
+        if not self.ok or not self.sums:
+            return {}
+        control = torch.cat(list(self.sums.values()))
+        reward = torch.cat([self.reward[self.rows[key]] for key in self.sums])
+        return {"control_cost": float(control.mean()), "soc_cost": float((control - self.scale * reward).mean())}
+
+
 @register_solver("nabla-db", "Residual ∇-DB (∇-GFlowNet): match policy-score residuals to a learned flow score; samples p_base^η·e^{λr}")
 class NablaDB(Solver):
     """Residual ∇-DB, see the module docstring for the equations.
@@ -340,6 +397,10 @@ class NablaDB(Solver):
 
     wants_memoryless = True
     needs_stochastic = True
+
+    @property
+    def claims_tilt(self) -> bool:  # η ≠ 1 targets p_base^η·e^{λr}, whose cost is not J
+        return self.prior_strength == 1.0
 
     def __init__(self, reward_scale: float = 1.0, prior_strength: float = 1.0, transitions: float | int = 0.25,
                  stratified: bool = True, forward_weight: float = 1.0, reverse_weight: float = 1.0,
@@ -450,7 +511,8 @@ class NablaDB(Solver):
 
         "forward" = ∇_{x_{k+1}}[log P_F^θ − η log P_F^base] (closed form, graph into θ),
         "reverse" = ∇_{x_k}[log P_F^θ − η log P_F^base] (autograd through both mean maps; graph
-        into θ only with ``reverse_trains_policy``), "pred" = pred_θ(x_k) (graph into θ) and,
+        into θ only with ``reverse_trains_policy``), "pred" = pred_θ(x_k) (graph into θ),
+        "control_sq" = ½‖u_k‖² [b] of the rollout's step (u_k = (m_rollout − m_base)/s_k, detached) and,
         with ``lookahead``, "reward_grad" = ∇_{x_k} r(x̂₁^θ(x_k)) from the same forward pass.
         """
         process, model, eta = ctx.process, ctx.model, self.prior_strength
@@ -476,12 +538,15 @@ class NablaDB(Solver):
             if reverse:
                 res["reverse"] = res["reverse"] - eta * reverse_score(x_next, m_b, std, xb)
         res["forward"] = forward_score(x_next, out.mean, std) - eta * forward_score(x_next, m_b.detach(), std)
+        # ½‖u_k‖² of the ROLLOUT's policy (its recorded mean), for the logged SOC cost
+        res["control_sq"] = 0.5 * ((traj.means[k][idx] - m_b.detach()) / std).flatten(1).double().pow(2).sum(1)
         return res
 
     def transition_terms(self, ctx: FinetuneContext, traj: Trajectory, k: int, T: int, cond: Any,
                          idx: Tensor) -> dict[str, Tensor]:
         """Forward and reverse ∇-DB terms of transition k on the samples ``idx``; returns
-        {"forward", "reverse"} scalar losses and the prediction "pred" [b,*S] (with graph)."""
+        {"forward", "reverse"} scalar losses, the prediction "pred" [b,*S] (with graph) and the
+        rollout's step cost "control_sq" [b] (:meth:`residual_scores`)."""
         chain = self.reverse_target == "chain"
         want_rev = self.reverse_weight > 0 and (self.flow is not None or self.reverse_trains_policy)
         reuse = want_rev and not chain and self.lookahead_model == "finetuned" and self._gamma(float(traj.ts[k])) > 0
@@ -492,7 +557,8 @@ class NablaDB(Solver):
             target_next = (self.terminal_score(ctx, traj, x_next, T, cond, idx) if k + 1 == T
                            else self.flow_score(ctx, traj, k + 1, x_next, cond, idx))
         w = self._step_weight(ctx.process, traj, k)
-        terms = {"forward": w * (res["forward"] - target_next).pow(2).mean(), "pred": res["pred"]}
+        terms = {"forward": w * (res["forward"] - target_next).pow(2).mean(), "pred": res["pred"],
+                 "control_sq": res["control_sq"]}
         if want_rev and chain:
             lookahead = self.lookahead_model == "base" and self._gamma(float(traj.ts[k])) > 0
             target, reward_grad = self.chain_target(ctx, traj, k, cond, idx, target_next, lookahead=lookahead)
@@ -558,6 +624,7 @@ class NablaDB(Solver):
                     refs[k] = model_step(ctx.process, ctx.model, traj.xs[k], k, cond_all, traj.states[k]).pred
         base_metrics = {"reward_mean": float(reward.mean()), "reward_std": float(reward.std(unbiased=False)),
                         "num_transitions": float(len(ks_per_step[0]))}
+        soc = SocCostEstimate(self, traj, T, reward)
         for idx, ks in zip(chunks, ks_per_step):
             if idx.numel() == 0:
                 continue
@@ -568,6 +635,7 @@ class NablaDB(Solver):
             n = len(ks)
             for k in ks:
                 terms = self.transition_terms(ctx, traj, k, T, cond, idx)
+                soc.add(k, terms["control_sq"], idx)
                 part = self.forward_weight * terms["forward"]
                 fwd.append(float(terms["forward"].detach()))
                 if "reverse" in terms:
@@ -589,5 +657,5 @@ class NablaDB(Solver):
             metrics = dict(base_metrics)
             metrics.update(loss_forward=sum(fwd) / n, loss_reverse=sum(rev) / n if rev else 0.0,
                            loss_terminal=float(l_term.detach()), loss_anchor=float(l_anchor.detach()),
-                           loss_reg=sum(reg) / n if reg else 0.0)
+                           loss_reg=sum(reg) / n if reg else 0.0, **soc.metrics())
             yield LossOutput(loss=self.terminal_weight * l_term + self.anchor_weight * l_anchor, metrics=metrics)
