@@ -11,8 +11,6 @@ import argparse
 import time
 from typing import Any
 
-import torch
-
 from common import (EXTRA_BUDGET, LAM, METHODS, PLAIN_WEIGHTS, RESULTS, CountingReward, append_jsonl, digits_problem, gmm_problem,
                     metrics_of, quiet, read_jsonl, reference, sample)
 

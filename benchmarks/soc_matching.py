@@ -15,6 +15,7 @@ Metrics on fresh rollouts of the trained control (:mod:`soctune.soc`):
 
     OMP_NUM_THREADS=1 python benchmarks/soc_matching.py                      # all four, default budget
     OMP_NUM_THREADS=1 python benchmarks/soc_matching.py --problems soc-double-well --iters 1000
+    OMP_NUM_THREADS=1 python benchmarks/soc_matching.py --problems soc-double-well --lr 1e-3 --option bootstrap=0.5
 
 Rows are appended to ``benchmarks/results/soc_matching.jsonl``; ``--table`` prints the Markdown rows for
 benchmarks/RESULTS.md.
@@ -56,8 +57,12 @@ def make_model(kind: str, proc: SOCProblemProcess, hidden: int, depth: int) -> D
 
 
 def run(name: str, iters: int, batch: int, hidden: int, depth: int, kind: str, n_eval: int, seed: int,
-        lr: float | None = None) -> dict[str, Any]:
-    """Train one problem and evaluate it; returns the result row."""
+        lr: float | None = None, solver_options: dict[str, Any] | None = None,
+        lr_schedule: str | None = None) -> dict[str, Any]:
+    """Train one problem and evaluate it; returns the result row. ``solver_options``: adjoint-matching
+    options beside ``reward_scale`` (none: the library's defaults)."""
+    options = dict(solver_options or {})
+    train = {k: v for k, v in (("lr", lr), ("lr_schedule", lr_schedule)) if v is not None}
     proc = get_problem(name)
     shape = (proc.dim,)
     torch.manual_seed(seed)
@@ -65,9 +70,9 @@ def run(name: str, iters: int, batch: int, hidden: int, depth: int, kind: str, n
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        finetune(model=model, process=proc, solver="adjoint-matching", solver_options={"reward_scale": proc.reward_scale},
+        finetune(model=model, process=proc, solver="adjoint-matching", solver_options={"reward_scale": proc.reward_scale, **options},
                  reward=proc.reward, sample_shape=shape, iters=iters, batch_size=batch, seed=seed,
-                 **({} if lr is None else {"lr": lr}))
+                 **train)
     train_s = time.perf_counter() - start
     lam = proc.reward_scale
     err = control_l2_error(proc, model, proc.optimal_control, n_eval, torch.Generator().manual_seed(seed + 1),
@@ -79,6 +84,7 @@ def run(name: str, iters: int, batch: int, hidden: int, depth: int, kind: str, n
     lb, lb_se = soc_lower_bound(proc, opt, proc.reward, lam, 4 * n_eval, torch.Generator().manual_seed(seed + 3),
                                 sample_shape=shape)
     return {"problem": name, "model": kind, "hidden": hidden, "depth": depth, "iters": iters, "batch": batch, "lr": lr,
+            "lr_schedule": lr_schedule, "solver_options": options,
             "seed": seed, "rel": err.relative, "rel_rms": err.relative_rms, "l2": err.error, "l2_se": err.error_se,
             "zero_l2": err.zero_error, "J": j, "J_se": j_se, "J_opt": j_opt, "J_opt_se": j_opt_se, "J_lb": lb,
             "J_lb_se": lb_se, "train_s": train_s}
@@ -90,8 +96,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = [head]
     for r in rows:
         proc = PROBLEMS[r["problem"]]()
+        options = "".join(f", {k} {v}" for k, v in sorted((r.get("solver_options") or {}).items()))
+        schedule = f" {r['lr_schedule']}" if r.get("lr_schedule") else ""
         lines.append(f"| {r['problem']} | {proc.dim} | {proc.num_steps} | {r['model']} {r['depth']}×{r['hidden']} "
-                     f"| {r['iters']} × {r['batch']}, lr {r['lr'] or 'default'} | {r['rel']:.3g} | {r['rel_rms']:.3g} | {r['J']:.3f} ({r['J_se']:.3f}) "
+                     f"| {r['iters']} × {r['batch']}, lr {r['lr'] or 'default'}{schedule}{options} | {r['rel']:.3g} | {r['rel_rms']:.3g} | {r['J']:.3f} ({r['J_se']:.3f}) "
                      f"| {r['J_opt']:.3f} | {r['J_lb']:.3f} ({r['J_lb_se']:.3f}) | {r['train_s']:.0f} s |")
     return "\n".join(lines)
 
@@ -105,15 +113,25 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--model", choices=("informed", "mlp"), default="informed")
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the library's TrainConfig.lr)")
+    ap.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
+                    help="learning-rate schedule (default: the library's TrainConfig.lr_schedule)")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an adjoint-matching option beside reward_scale, e.g. bootstrap=0.5 (repeatable)")
     ap.add_argument("--n-eval", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--table", action="store_true", help="print the Markdown rows for RESULTS.md")
     args = ap.parse_args()
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--option takes KEY=VALUE, got '{item}'")
+        options[key] = json.loads(value) if value[:1] in "-0123456789[{tn" else value
     rows = []
     for name in args.problems:
         iters, batch = BUDGET[name]
         row = run(name, args.iters or iters, args.batch or batch, args.hidden, args.depth, args.model, args.n_eval,
-                  args.seed, args.lr)
+                  args.seed, args.lr, options, args.lr_schedule)
         rows.append(row)
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
         RESULTS.parent.mkdir(exist_ok=True)

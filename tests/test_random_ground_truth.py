@@ -178,6 +178,16 @@ def test_benchmark_table_and_pair_selection() -> None:
     assert "| nabla-db | ddpm | 2 | 1/2 (50%) |" in table and table.rstrip().endswith("| – |")
     listed = ground_truth.out_of_bounds([row, good])
     assert "p00" in listed and "p01" not in listed
+    # the diagnosis against the exact-tilt control's reference of the same (problem, process)
+    row.update(j=0.1, j_se=0.01)
+    ref = {"tilt_model_j": -0.1, "tilt_model_j_se": 0.01, "tilt_model_cut": 0.9, "tilt_model_within": True}
+    assert ground_truth.diagnosis(row, ref).startswith("optimisation")
+    assert ground_truth.diagnosis(row, dict(ref, tilt_model_j=0.09)).startswith("flat cost")
+    assert ground_truth.diagnosis(row, dict(ref, tilt_model_within=False)).startswith("discretisation")
+    refs = {("p00", "ddpm"): ref}
+    assert "— optimisation" in ground_truth.out_of_bounds([row, good], refs)
+    assert ground_truth.diagnosis_counts([row, good], refs) == {"optimisation": 1}
+    assert ground_truth.summary_table([row, good], refs).rstrip().endswith("| +0.200 (1) |")
     with pytest.raises(SoctuneError, match="SOLVER:PROCESS"):
         ground_truth.parse_pair("draft:ddpm")
 
@@ -232,3 +242,27 @@ def test_trained_case_through_the_benchmark() -> None:
     assert not row["base_within"]  # the case tests something: the base chain is outside the bounds
     assert row["within"], row
     assert row["gap"] <= TRAINED_GAP, row
+
+
+def test_tilt_model_is_an_achievable_control_at_the_tilt() -> None:
+    """benchmarks/ground_truth.TiltModel: the closed-form tilt's exact denoiser before the cut, the base's
+    after; ``base()`` is the base everywhere (its control cost along a base rollout is 0). On problem 0
+    (D = 2, 5 components, linear, λ = 0.5) with fm-memoryless the reference it reports meets the bounds
+    and its J sits above the Donsker–Varadhan bound J*_K (it is a control of the K-step chain)."""
+    p = random_tilt_problem(0)
+    process = ground_truth.make_process("fm-memoryless")
+    model = ground_truth.TiltModel(p, "fm-memoryless", process, cut=0.9)
+    x = torch.randn(6, p.dim)
+    for t in (0.5, 0.95):
+        tt = torch.full((6,), t)
+        with model.base():
+            base = model(x, tt)
+        tilted = model(x, tt)
+        assert torch.equal(base, model.base_model(x, tt))
+        assert torch.equal(tilted, model.tilt_model(x, tt) if t < 0.9 else base)
+    ref = ground_truth.tilt_model_reference(p, "fm-memoryless")
+    j_opt, j_opt_se = soc_lower_bound(process, model, p.reward(), p.lam, 1 << 14, torch.Generator().manual_seed(3),
+                                      sample_shape=(p.dim,))
+    print(ref, j_opt, j_opt_se)
+    assert ref["tilt_model_within"] and ref["tilt_model_cut"] in ground_truth.TILT_MODEL_CUTS
+    assert ref["tilt_model_j"] > j_opt - 3 * math.hypot(ref["tilt_model_j_se"], j_opt_se)
