@@ -99,7 +99,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         options = "".join(f", {k} {v}" for k, v in sorted((r.get("solver_options") or {}).items()))
         schedule = f" {r['lr_schedule']}" if r.get("lr_schedule") else ""
         lines.append(f"| {r['problem']} | {proc.dim} | {proc.num_steps} | {r['model']} {r['depth']}×{r['hidden']} "
-                     f"| {r['iters']} × {r['batch']}, lr {r['lr'] or 'default'}{schedule}{options} | {r['rel']:.3g} | {r['rel_rms']:.3g} | {r['J']:.3f} ({r['J_se']:.3f}) "
+                     f"| {r['iters']} × {r['batch']}, lr {r['lr'] or 'default'}{schedule}{options} | {r['rel']:.4g} | {r['rel_rms']:.3g} | {r['J']:.3f} ({r['J_se']:.3f}) "
                      f"| {r['J_opt']:.3f} | {r['J_lb']:.3f} ({r['J_lb_se']:.3f}) | {r['train_s']:.0f} s |")
     return "\n".join(lines)
 
