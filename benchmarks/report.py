@@ -368,7 +368,7 @@ def ground_truth_section(rows: list[dict[str, Any]]) -> list[str]:
              "the miss is the K-step chain's); each run outside the bounds is classified against it — "
              "*optimisation* (the tilt model meets the bounds at a J more than 2 s.e. below the run's), *flat cost* "
              "(within 2 s.e.: the objective does not pin the weights at this precision), *discretisation* (the "
-             "tilt model misses too). Counts: "
+             "least-J tilt model misses too). Counts: "
              + (", ".join(f"{k} {v}" for k, v in diagnosis_counts(rows, refs).items()) or "none") + ".", "",
              "Runs outside the bounds:", "", out_of_bounds(rows, refs), ""]
     return lines
@@ -394,7 +394,8 @@ def soc_matching_section(rows: list[dict[str, Any]]) -> list[str]:
             "dP^{u*}/dP^{u_θ} on each training batch, an EMA with coefficient 0.01), not normalised by the zero "
             "control; ours is on fresh rollouts of the learned control (the `l2` field of the rows is our "
             "unnormalised time integral, T = 1). Their budgets: 60k–80k iterations × batch 64–128, control lr 1e-4 "
-            "(Double Well: 80k × 128, nets 256/128/64), against the hundreds to 1.5k iterations here.", "", table(rows), ""]
+            "(Double Well: 80k × 128, nets 256/128/64), against "
+            f"{min(r['iters'] for r in rows)}–{max(r['iters'] for r in rows)} iterations here.", "", table(rows), ""]
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
 from soctune import finetune  # noqa: E402
+from soctune.config import parse_set  # noqa: E402
 from soctune.models.base import CorrectedDenoiser, Denoiser, ZeroDenoiser  # noqa: E402
 from soctune.models.informed_control import InformedControl  # noqa: E402
 from soctune.problems import PROBLEMS, SOCProblemProcess, get_problem  # noqa: E402
@@ -121,12 +122,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--table", action="store_true", help="print the Markdown rows for RESULTS.md")
     args = ap.parse_args()
-    options = {}
-    for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep:
+    options: dict[str, Any] = {}
+    for item in args.option:  # the CLI's --set parser (YAML values), under the solver section
+        if "=" not in item:
             ap.error(f"--option takes KEY=VALUE, got '{item}'")
-        options[key] = json.loads(value) if value[:1] in "-0123456789[{tn" else value
+        options.update(parse_set(f"solver.{item}")["solver"])
     rows = []
     for name in args.problems:
         iters, batch = BUDGET[name]
