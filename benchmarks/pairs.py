@@ -11,7 +11,8 @@ command's wall time (training + the run's own before/after evaluation) with the 
 when it ended (other jobs inflate it), the training time, the share
 of the target class among 256 samples judged by the independent pixel classifier (not the reward's
 CNN) before → after, the pixel spread among the target-class samples before → after (the diversity the
-tilt p_base(x | 3) keeps), and the reward mean before → after.
+tilt p_base(x | 3) keeps), the reward mean before → after and, for a solver that claims the tilt, the
+SOC gap J − J*_K with the step that carries the largest share of the control cost (summary.json's soc).
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def run_pair(process: str, solver: str, workdir: Path) -> dict[str, object]:
                share_before=report_b["target_share"], share_after=report_a["target_share"],
                spread_before=report_b["target_spread_pixels"], spread_after=report_a["target_spread_pixels"],
                reward_before=before["reward_mean"], reward_after=after["reward_mean"])
+    soc = summary.get("soc")
+    if soc:  # a solver that claims the tilt: J − J*_K and the step that carries most of it
+        row.update(soc_gap=soc["soc_gap"], soc_gap_se=soc["soc_gap_se"], soc_lower_bound=soc["soc_lower_bound"],
+                   costliest_step=soc["costliest_step"])
     return row
 
 

@@ -290,9 +290,12 @@ PROBABILISTIC = ("adjoint-matching", "nabla-db")
 
 
 def pairs_section(rows: list[dict[str, Any]]) -> list[str]:
-    """results/pairs.jsonl (benchmarks/pairs.py): every pair with only the defaults."""
+    """results/pairs.jsonl (benchmarks/pairs.py): every pair with only the defaults; a pair measured
+    again (``pairs.py --keep``) shows its last row, in the place of its first."""
     if not rows:
         return []
+    latest = {(r["process"], r["solver"]): r for r in rows}
+    rows = list(latest.values())
     lines = ["## Every process × solver with the defaults (digits, `--reward digit:3`)", "",
              "`python benchmarks/pairs.py`: one fresh `soctune finetune --process P --solver S --reward digit:3` per "
              "pair, nothing else given (the shared defaults; no per-pair preset exists), one thread "
@@ -306,11 +309,17 @@ def pairs_section(rows: list[dict[str, Any]]) -> list[str]:
              "*load* = the machine's 1-minute load average when the run ended (2 cores: above 1, other jobs shared "
              "them and the wall time is inflated accordingly; rows without it were measured before it was recorded, "
              "beside the slow test tier and another benchmark).", "",
-             "| process | solver | threes | spread | reward | iters | train s | wall s | load | target |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "*J − J\\*_K* (solvers that claim the tilt) = the SOC gap of the fine-tuned chain in nats (its path KL to "
+             "the tilted base path), and *costliest step* = the step k with the largest E[½‖u_k‖²], its noise s_k and "
+             "that cost: the kernel's last stochastic step into the schedule's smallest noise level has an s_k far "
+             "below the other steps', where a change of the fine-tuned network too small to see in a sample costs "
+             "½‖Δm‖²/s_k².", "",
+             "| process | solver | threes | spread | reward | J − J\\*_K | costliest step | iters | train s | wall s | "
+             "load | target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("rc", 0) != 0:
-            lines.append(f"| {r['process']} | {r['solver']} | failed: {r.get('error', '?')} | | | | | | | |")
+            lines.append(f"| {r['process']} | {r['solver']} | failed: {r.get('error', '?')} | | | | | | | | | |")
             continue
         met = ""
         if r["solver"] in PROBABILISTIC:
@@ -320,9 +329,14 @@ def pairs_section(rows: list[dict[str, Any]]) -> list[str]:
             met = "met" if not missed else f"**missed: {', '.join(missed)}**"
         elif r["solver"] == "draft":
             met = "met (reward rises)" if r["reward_after"] > r["reward_before"] else "**missed**"
+        gap, step = "–", "–"
+        if "soc_gap" in r:
+            c = r["costliest_step"]
+            gap = f"{r['soc_gap']:.1f} ± {r['soc_gap_se']:.1f}"
+            step = f"k = {c['step']}, s = {c['noise_std']:.2g}: {c['control_cost']:.1f}"
         lines.append(f"| {r['process']} | {r['solver']} | {r['share_before']:.0%} → {r['share_after']:.0%} | "
                      f"{r['spread_before']:.2f} → {r['spread_after']:.2f} | {r['reward_before']:.1f} → "
-                     f"{r['reward_after']:.1f} | {r['iterations']} | {r['train_s']:.0f} | {r['wall_s']:.0f} | "
+                     f"{r['reward_after']:.1f} | {gap} | {step} | {r['iterations']} | {r['train_s']:.0f} | {r['wall_s']:.0f} | "
                      f"{r['load'] if 'load' in r else '–'} | {met} |")
     return lines + [""]
 

@@ -163,6 +163,22 @@ def _summary_table(s: dict, tilt_target: bool = True) -> Table:
     return t
 
 
+def _costliest_step_note(s: dict) -> str | None:
+    """One line when a single step of the chain carries more than half of a significant J − J*_K
+    (soctune.soc.StepCosts.summary), else None: typically the kernel's last stochastic step into the
+    schedule's smallest noise level, where a mean shift too small to see costs ½‖Δm‖²/s_k²."""
+    soc = s.get("soc") or {}
+    step = soc.get("costliest_step")
+    gap = soc.get("soc_gap", 0.0)
+    if not step or gap <= 2 * soc.get("soc_gap_se", 0.0) or step["control_cost"] <= 0.5 * gap:
+        return None
+    k, (t0, t1) = step["step"], step["t"]
+    return (f"note: step {k} (t {t0:.4g} → {t1:.4g}, noise s = {step['noise_std']:.3g}) alone costs "
+            f"{step['control_cost']:.4g} of the {gap:.4g} nats of J − J*_K: the fine-tuned mean moves there by "
+            f"{step['mean_shift_rms']:.2g} rms per number, at ½‖Δm/s‖² (per step: soc.control_cost_by_step); "
+            "a kernel whose steps all carry noise, --set process.kernel=euler (ddpm, fm-memoryless), has no such step")
+
+
 def _tilt_target(b) -> bool:
     """Whether the built run (soctune.run.Built) targets the tilt: its solver and options, its process."""
     from soctune.metrics import tilt_is_target
@@ -222,6 +238,8 @@ def finetune(
         return
     if not quiet:
         console.print(_summary_table(summary, _tilt_target(result.built)))
+        if (note := _costliest_step_note(summary)) is not None:
+            console.print(note, highlight=False)
     console.print(f"wrote {out}/ (summary.json, samples_compare.png, lora/)")
 
 
@@ -317,6 +335,8 @@ def evaluate(
 
     summary, b = evaluate_run(run, n=n, seed=seed, device=device, precision=precision)
     console.print(_summary_table(summary, _tilt_target(b)))
+    if (note := _costliest_step_note(summary)) is not None:
+        console.print(note, highlight=False)
     console.print(f"wrote {run}/evaluation.json")
 
 

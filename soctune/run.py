@@ -29,7 +29,7 @@ from .models.base import Denoiser, base_if, resolve_sample_shape
 from .registry import SoctuneError
 from .rewards import get_reward
 from .sde.base import Process
-from .soc import cost_summary, path_costs
+from .soc import StepCosts, cost_summary, path_costs
 from .solvers import Solver, get_solver
 from .trainer import Float32Reward, NonFiniteError, Trainer, make_accelerator
 from .trajectory import RewardFn, rollout
@@ -153,12 +153,14 @@ def train_config(cfg: dict[str, Any]) -> TrainConfig:
 # ------------------------------------------------------------------------------- sampling
 class Draw(NamedTuple):
     """:func:`draw`'s samples: states [n, *S] and rewards [n] on the CPU, the conditioning of each batch,
-    and (when asked for) each rollout's SOC path cost [n] float64 (:func:`soctune.soc.path_costs`)."""
+    and (when asked for) each rollout's SOC path cost [n] float64 (:func:`soctune.soc.path_costs`) and, for
+    the fine-tuned model, its control cost per step (:class:`soctune.soc.StepCosts`, on the CPU)."""
 
     x: Tensor
     rewards: Tensor
     conds: list[Any]
     costs: Tensor | None = None
+    step_costs: StepCosts | None = None
 
 
 def draw(b: Built, n: int, seed: int, base: bool, batch: int = 256, device: str | torch.device = "cpu",
@@ -172,6 +174,7 @@ def draw(b: Built, n: int, seed: int, base: bool, batch: int = 256, device: str 
     gen = torch.Generator(device=dev).manual_seed(seed)
     reward = Float32Reward(b.reward, dev.type)
     xs, rs, conds, cs = [], [], [], []
+    steps: StepCosts | None = None
     model = b.loaded.model
     for start in range(0, n, batch):
         m = min(batch, n - start)
@@ -184,11 +187,16 @@ def draw(b: Built, n: int, seed: int, base: bool, batch: int = 256, device: str 
             r = reward(x, cond)
             if costs:
                 with (autocast or nullcontext)():
-                    cs.append(path_costs(b.process, model, traj, r, b.solver.reward_scale, controlled=not base).cpu())
+                    c = path_costs(b.process, model, traj, r, b.solver.reward_scale, controlled=False)
+                    if not base:
+                        batch_steps = StepCosts.of(b.process, model, traj)
+                        c = c + batch_steps.costs.to(c.device).sum(0)
+                        steps = batch_steps if steps is None else steps.cat(batch_steps)
+                cs.append(c.cpu())
             rs.append(r.cpu())
             xs.append(x.cpu())
         conds.append(cond)
-    return Draw(torch.cat(xs), torch.cat(rs), conds, torch.cat(cs) if costs else None)
+    return Draw(torch.cat(xs), torch.cat(rs), conds, torch.cat(cs) if costs else None, steps)
 
 
 def evaluate_pair(b: Built, n: int, seed: int, device: str | torch.device = "cpu",
@@ -215,7 +223,8 @@ def evaluate_pair(b: Built, n: int, seed: int, device: str | torch.device = "cpu
                                                    torch.Generator().manual_seed(seed + 1))
     if soc:
         assert tuned.costs is not None and base.costs is not None
-        summary["soc"] = {"reward_scale": b.solver.reward_scale, **cost_summary(tuned.costs, base.costs)}
+        summary["soc"] = {"reward_scale": b.solver.reward_scale,
+                          **cost_summary(tuned.costs, base.costs, tuned.step_costs)}
     return summary, ib, i_f
 
 

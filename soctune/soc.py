@@ -12,7 +12,7 @@ Euler–Maruyama, u_k = √Δt_k·u(x_k, t_k), so u_k/√Δt_k is the control in
 * :func:`soc_lower_bound`: J*_K = −log E_base[exp(λ r(x_K) − Σ_k Δt_k f(x_k, t_k))], the least J any
   control of this K-step chain reaches (Donsker–Varadhan), by Monte Carlo over base rollouts;
 * :func:`path_costs` / :func:`cost_summary`: the same from rollouts a caller already drew (``soctune
-  evaluate`` reports J, J*_K and the gap of a run);
+  evaluate`` reports J, J*_K and the gap of a run, and with :class:`StepCosts` the step that costs most);
 * :func:`control_l2_error`: E[Σ_k ‖u_k/√Δt_k − u*(x_k, t_k)‖² Δt_k] on rollouts of the learned control
   against a known optimal control u*, and the same ratio for the zero control.
 
@@ -58,6 +58,43 @@ class ControlL2Error:
     @property
     def relative_rms(self) -> float:
         return math.sqrt(self.relative)
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Where a chain's control cost sits: ``costs`` [K, n] float64, ½‖u_k‖² per step of n rollouts
+    (:func:`step_control_costs`), the grid ``ts`` [K+1] and each step's noise ``stds`` [K] (s_k), the
+    state size ``dim`` (numbers per sample)."""
+
+    costs: Tensor
+    ts: tuple[float, ...]
+    stds: tuple[float, ...]
+    dim: int
+
+    def summary(self) -> dict[str, Any]:
+        """``control_cost_by_step``: E[½‖u_k‖²] per step [K]; ``costliest_step``: the step k with the
+        largest E[½‖u_k‖²], its times (t_k, t_{k+1}), noise s_k, that cost, and the root-mean-square
+        mean shift per number that buys it, √(E‖m_θ − m_base‖²/dim) = s_k·√(2·E[½‖u_k‖²]/dim).
+
+        Why: on a kernel whose last stochastic step has s_k ≪ the other steps' (the DDIM/ancestral
+        step into the schedule's smallest noise level), a shift of the mean too small to see in a
+        sample costs ½‖Δm‖²/s_k² nats; that one step can carry nearly all of J − J*_K."""
+        per_step = self.costs.mean(1)
+        k = int(per_step.argmax())
+        cost = float(per_step[k])
+        return {"control_cost_by_step": [float(v) for v in per_step],
+                "costliest_step": {"step": k, "t": [self.ts[k], self.ts[k + 1]], "noise_std": self.stds[k],
+                                   "control_cost": cost,
+                                   "mean_shift_rms": self.stds[k] * math.sqrt(2 * cost / max(self.dim, 1))}}
+
+    @staticmethod
+    def of(process: Process, model: Denoiser, traj: Trajectory) -> "StepCosts":
+        """One rollout batch's :class:`StepCosts`, costs on the CPU (concatenate batches with :meth:`cat`)."""
+        return StepCosts(step_control_costs(process, model, traj).cpu(), tuple(float(t) for t in traj.ts),
+                         tuple(float(s) for s in traj.stds), math.prod(traj.xs.shape[2:]))
+
+    def cat(self, other: "StepCosts") -> "StepCosts":
+        return StepCosts(torch.cat([self.costs, other.costs], 1), self.ts, self.stds, self.dim)
 
 
 class ControlFunctionModel(SwitchableDenoiser):
@@ -130,17 +167,26 @@ def _mean_se(values: Tensor) -> tuple[float, float]:
     return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
 
 
+def step_control_costs(process: Process, model: Denoiser, traj: Trajectory) -> Tensor:
+    """½‖u_k‖² per step and rollout, [K, B] float64 (0 on deterministic steps): the path KL of a
+    rollout of ``model`` to the base chain, step by step (:func:`step_controls`)."""
+    costs = torch.zeros(traj.num_steps, traj.batch_size, dtype=torch.float64, device=traj.xs.device)
+    for k, u in step_controls(process, model, traj, traj.cond).items():
+        costs[k] = 0.5 * u.flatten(1).double().pow(2).sum(1)
+    return costs
+
+
 def path_costs(process: Process, model: Denoiser, traj: Trajectory, rewards: Tensor, reward_scale: float,
                controlled: bool = True) -> Tensor:
     """The SOC cost of each rollout, [B] float64: Σ_k ½‖u_k‖² (when ``controlled``; 0 for a rollout of the
-    base itself) + Σ_k Δt_k f(x_k, t_k) − λ r(x_K), with ``rewards`` [B] the rollout's r(x_K).
+    base itself, :func:`step_control_costs`) + Σ_k Δt_k f(x_k, t_k) − λ r(x_K), with ``rewards`` [B] the
+    rollout's r(x_K).
 
     J = E[path cost] on rollouts of ``model``; on BASE rollouts (``controlled=False``)
     J*_K = −log E[exp(−path cost)] (:func:`cost_summary`)."""
     cost = running_costs(process, traj) - reward_scale * rewards.to(device=traj.xs.device, dtype=torch.float64)
     if controlled:
-        for u in step_controls(process, model, traj, traj.cond).values():
-            cost = cost + 0.5 * u.flatten(1).double().pow(2).sum(1)
+        cost = cost + step_control_costs(process, model, traj).sum(0)
     return cost
 
 
@@ -153,16 +199,21 @@ def lower_bound_of(base_costs: Tensor) -> tuple[float, float]:
     return float(-log_mean), float(rel.std() / math.sqrt(ell.numel()))
 
 
-def cost_summary(costs: Tensor, base_costs: Tensor) -> dict[str, float]:
+def cost_summary(costs: Tensor, base_costs: Tensor, step_costs: StepCosts | None = None) -> dict[str, Any]:
     """``soctune evaluate``'s SOC report from the path costs [n] of fine-tuned and of base rollouts
     (:func:`path_costs`): J (``soc_cost``), the base's own J (``base_soc_cost``: no control cost), J*_K
     (``soc_lower_bound``), J − J*_K (``soc_gap``, ≥ 0 up to noise: the gap is KL(fine-tuned path ‖ tilted
-    base path)) and their standard errors."""
+    base path)) and their standard errors; with the fine-tuned rollouts' ``step_costs`` also where the
+    control cost sits (:meth:`StepCosts.summary`: ``control_cost_by_step`` and ``costliest_step``)."""
     j, j_se = _mean_se(costs.double())
     j_base, j_base_se = _mean_se(base_costs.double())
     lb, lb_se = lower_bound_of(base_costs)
-    return {"soc_cost": j, "soc_cost_se": j_se, "base_soc_cost": j_base, "base_soc_cost_se": j_base_se,
-            "soc_lower_bound": lb, "soc_lower_bound_se": lb_se, "soc_gap": j - lb, "soc_gap_se": math.hypot(j_se, lb_se)}
+    out: dict[str, Any] = {"soc_cost": j, "soc_cost_se": j_se, "base_soc_cost": j_base, "base_soc_cost_se": j_base_se,
+                           "soc_lower_bound": lb, "soc_lower_bound_se": lb_se, "soc_gap": j - lb,
+                           "soc_gap_se": math.hypot(j_se, lb_se)}
+    if step_costs is not None:
+        out.update(step_costs.summary())
+    return out
 
 
 @torch.no_grad()

@@ -140,6 +140,11 @@ def test_evaluate_loads_the_runs_trained_weights(tmp_path, full, solver):
         assert soc["soc_cost"] > -soc["reward_scale"] * after  # + Σ½‖u‖² > 0
         assert soc["soc_gap"] == pytest.approx(soc["soc_cost"] - soc["soc_lower_bound"])
         assert soc["soc_gap"] > -3 * soc["soc_gap_se"]  # Donsker–Varadhan: J ≥ J*_K up to noise
+        # where the control cost sits: the per-step means add up to J + λ E[r] (no running cost here)
+        by_step, costliest = soc["control_cost_by_step"], soc["costliest_step"]
+        assert sum(by_step) == pytest.approx(soc["soc_cost"] + soc["reward_scale"] * after, rel=1e-4, abs=1e-6)
+        assert costliest["control_cost"] == max(by_step) == by_step[costliest["step"]] > 0
+        assert costliest["t"][0] < costliest["t"][1] and costliest["noise_std"] > 0
     assert json.loads((tmp_path / "run" / "evaluation.json").read_text())["after"]["reward_mean"] == after
     for f in trained.glob("*.safetensors"):
         f.unlink()

@@ -207,6 +207,24 @@ def test_evaluate_table_labels_the_distance_by_the_runs_target() -> None:
     assert "exact tilt" not in text(False)
 
 
+def test_the_step_that_carries_most_of_the_soc_gap_is_named() -> None:
+    """When one step holds more than half of a significant J − J*_K (the DDIM kernel's last
+    stochastic step: s = 0.001 on the digits flow model), the finetune/evaluate output names it, its
+    noise and the (tiny) mean shift that costs so much; otherwise it says nothing."""
+    from soctune_cli.app import _costliest_step_note
+
+    step = {"step": 23, "t": [0.9574, 0.999], "noise_std": 0.001, "control_cost": 1026.0, "mean_shift_rms": 0.0057}
+    soc = {"soc_gap": 990.0, "soc_gap_se": 14.0, "costliest_step": step}
+    note = _costliest_step_note({"soc": soc})
+    assert note is not None and "\n" not in note
+    assert "step 23 (t 0.9574 → 0.999, noise s = 0.001) alone costs 1026 of the 990 nats" in note
+    assert "0.0057 rms" in note
+    assert _costliest_step_note({"soc": {**soc, "costliest_step": {**step, "control_cost": 400.0}}}) is None  # < half
+    assert _costliest_step_note({"soc": {**soc, "soc_gap": 20.0, "soc_gap_se": 14.0}}) is None  # not significant
+    assert _costliest_step_note({"soc": {k: v for k, v in soc.items() if k != "costliest_step"}}) is None
+    assert _costliest_step_note({}) is None
+
+
 # ------------------------------------------------------------------ 7. DDPO's clip fraction
 @pytest.mark.parametrize("name,pred", [("ddpm", "epsilon"), ("fm-memoryless", "velocity")])
 def test_ddpo_default_clip_does_not_clip_nearly_every_latent_sample(name: str, pred: str) -> None:
