@@ -2,10 +2,12 @@
 
     python benchmarks/pairs.py                       # all 3 × 5 pairs, ≈ 45 min at one thread
     python benchmarks/pairs.py --processes ddpm --solvers nabla-db adjoint-matching
+    python benchmarks/pairs.py --keep --processes fm-memoryless --solvers adjoint-matching --set process.kernel=euler
 
 Each pair is one fresh `soctune finetune --process P --solver S --reward digit:3 --out DIR` (the CLI,
 in its own process, OMP_NUM_THREADS=1, no other flag: the shared defaults of soctune.config and the
-solvers' constructors) on the shipped digits model of the process. Recorded per pair (appended to
+solvers' constructors; ``--set KEY=VALUE`` adds that one override to every pair and the row records it)
+on the shipped digits model of the process. Recorded per pair (appended to
 results/pairs.jsonl, one JSON row each; `benchmarks/report.py` renders the RESULTS.md section): the
 command's wall time (training + the run's own before/after evaluation) with the machine's load average
 when it ended (other jobs inflate it), the training time, the share
@@ -33,16 +35,20 @@ SOLVERS = ("adjoint-matching", "nabla-db", "draft", "ddpo", "db")
 REWARD = "digit:3"
 
 
-def run_pair(process: str, solver: str, workdir: Path) -> dict[str, object]:
-    """One CLI run with defaults; its summary.json reduced to the table's numbers."""
+def run_pair(process: str, solver: str, workdir: Path, overrides: tuple[str, ...] = ()) -> dict[str, object]:
+    """One CLI run with defaults (plus ``overrides``, each a ``--set KEY=VALUE``); its summary.json
+    reduced to the table's numbers."""
     out = workdir / f"{process}-{solver}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = ["soctune", "finetune", "--process", process, "--solver", solver, "--reward", REWARD, "--out", str(out)]
+    cmd = ["soctune", "finetune", "--process", process, "--solver", solver, "--reward", REWARD,
+           *[a for o in overrides for a in ("--set", o)], "--out", str(out)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     row: dict[str, object] = {"process": process, "solver": solver, "reward": REWARD, "command": " ".join(cmd[:-2]),
                               "wall_s": wall, "rc": proc.returncode, "load": round(os.getloadavg()[0], 2)}
+    if overrides:
+        row["set"] = list(overrides)
     if proc.returncode != 0:
         row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return row
@@ -65,6 +71,8 @@ def main() -> None:
     ap.add_argument("--processes", nargs="+", default=list(PROCESSES))
     ap.add_argument("--solvers", nargs="+", default=list(SOLVERS))
     ap.add_argument("--keep", action="store_true", help="append to results/pairs.jsonl instead of starting it afresh")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="one config override for every pair (repeatable), e.g. process.kernel=euler")
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "pairs.jsonl"
@@ -73,7 +81,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for process in args.processes:
             for solver in args.solvers:
-                row = run_pair(process, solver, Path(tmp))
+                row = run_pair(process, solver, Path(tmp), tuple(args.overrides))
                 with path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)

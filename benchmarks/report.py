@@ -291,14 +291,16 @@ PROBABILISTIC = ("adjoint-matching", "nabla-db")
 
 def pairs_section(rows: list[dict[str, Any]]) -> list[str]:
     """results/pairs.jsonl (benchmarks/pairs.py): every pair with only the defaults; a pair measured
-    again (``pairs.py --keep``) shows its last row, in the place of its first."""
+    again (``pairs.py --keep``) shows its last row, in the place of its first; a row run with overrides
+    (``pairs.py --set``) is its own pair and names them beside the process."""
     if not rows:
         return []
-    latest = {(r["process"], r["solver"]): r for r in rows}
+    latest = {(r["process"], r["solver"], tuple(r.get("set", ()))): r for r in rows}
     rows = list(latest.values())
     lines = ["## Every process × solver with the defaults (digits, `--reward digit:3`)", "",
              "`python benchmarks/pairs.py`: one fresh `soctune finetune --process P --solver S --reward digit:3` per "
-             "pair, nothing else given (the shared defaults; no per-pair preset exists), one thread "
+             "pair, nothing else given (the shared defaults; no per-pair preset exists; a row that names an override "
+             "ran with that one `--set` added, `pairs.py --set`), one thread "
              "(`OMP_NUM_THREADS=1`), 256 evaluation samples. *threes* = share of the target class by the independent "
              "pixel classifier (not the reward's CNN), base → fine-tuned; *spread* = pixel spread among those "
              "threes (the diversity the tilt p_base(x | 3) keeps); *wall* = the whole command (training + its "
@@ -318,8 +320,9 @@ def pairs_section(rows: list[dict[str, Any]]) -> list[str]:
              "load | target |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        process = r["process"] + (f" (`{' '.join(r['set'])}`)" if r.get("set") else "")
         if r.get("rc", 0) != 0:
-            lines.append(f"| {r['process']} | {r['solver']} | failed: {r.get('error', '?')} | | | | | | | | | |")
+            lines.append(f"| {process} | {r['solver']} | failed: {r.get('error', '?')} | | | | | | | | | |")
             continue
         met = ""
         if r["solver"] in PROBABILISTIC:
@@ -334,7 +337,7 @@ def pairs_section(rows: list[dict[str, Any]]) -> list[str]:
             c = r["costliest_step"]
             gap = f"{r['soc_gap']:.1f} ± {r['soc_gap_se']:.1f}"
             step = f"k = {c['step']}, s = {c['noise_std']:.2g}: {c['control_cost']:.1f}"
-        lines.append(f"| {r['process']} | {r['solver']} | {r['share_before']:.0%} → {r['share_after']:.0%} | "
+        lines.append(f"| {process} | {r['solver']} | {r['share_before']:.0%} → {r['share_after']:.0%} | "
                      f"{r['spread_before']:.2f} → {r['spread_after']:.2f} | {r['reward_before']:.1f} → "
                      f"{r['reward_after']:.1f} | {gap} | {step} | {r['iterations']} | {r['train_s']:.0f} | {r['wall_s']:.0f} | "
                      f"{r['load'] if 'load' in r else '–'} | {met} |")
