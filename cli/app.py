@@ -174,7 +174,7 @@ def _costliest_step_note(s: dict) -> str | None:
         return None
     k, (t0, t1) = step["step"], step["t"]
     return (f"note: step {k} (t {t0:.4g} → {t1:.4g}, noise s = {step['noise_std']:.3g}) alone costs "
-            f"{step['control_cost']:.4g} of the {gap:.4g} nats of J − J*_K: the fine-tuned mean moves there by "
+            f"{step['control_cost']:.4g} nats (J − J*_K = {gap:.4g}): the fine-tuned mean moves there by "
             f"{step['mean_shift_rms']:.2g} rms per number, at ½‖Δm/s‖² (per step: soc.control_cost_by_step); "
             "a kernel whose steps all carry noise, --set process.kernel=euler (ddpm, fm-memoryless), has no such step")
 

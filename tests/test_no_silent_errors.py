@@ -217,7 +217,7 @@ def test_the_step_that_carries_most_of_the_soc_gap_is_named() -> None:
     soc = {"soc_gap": 990.0, "soc_gap_se": 14.0, "costliest_step": step}
     note = _costliest_step_note({"soc": soc})
     assert note is not None and "\n" not in note
-    assert "step 23 (t 0.9574 → 0.999, noise s = 0.001) alone costs 1026 of the 990 nats" in note
+    assert "step 23 (t 0.9574 → 0.999, noise s = 0.001) alone costs 1026 nats (J − J*_K = 990)" in note
     assert "0.0057 rms" in note
     assert _costliest_step_note({"soc": {**soc, "costliest_step": {**step, "control_cost": 400.0}}}) is None  # < half
     assert _costliest_step_note({"soc": {**soc, "soc_gap": 20.0, "soc_gap_se": 14.0}}) is None  # not significant
