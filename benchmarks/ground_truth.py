@@ -78,13 +78,18 @@ RESULTS = ROOT / "results"
 NUM_PROBLEMS = 24
 PAIRS: tuple[tuple[str, str], ...] = (("adjoint-matching", "fm-memoryless"), ("adjoint-matching", "ddpm"),
                                       ("nabla-db", "ddpm"), ("nabla-db", "dpmpp-sde"))
-#: pairs run on request only (``--pairs``): the multistep kernel, where the tilt is approximate
-EXTRA_PAIRS: tuple[tuple[str, str], ...] = (("nabla-db", "dpmpp-sde-order2"), ("adjoint-matching", "dpmpp-sde"))
+#: pairs run on request only (``--pairs``): the multistep kernel, where the tilt is approximate, and the
+#: Euler–Maruyama kernels
+EXTRA_PAIRS: tuple[tuple[str, str], ...] = (("nabla-db", "dpmpp-sde-order2"), ("adjoint-matching", "dpmpp-sde"),
+                                            ("adjoint-matching", "fm-memoryless-euler"), ("adjoint-matching", "ddpm-euler"))
 #: process names of this benchmark -> (registered process, options)
 PROCESS_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddpm": ("ddpm", {}), "dpmpp-sde": ("dpmpp-sde", {}), "fm-memoryless": ("fm-memoryless", {}),
-    "dpmpp-sde-order2": ("dpmpp-sde", {"order": 2})}
-PREDICTION = {"ddpm": "epsilon", "dpmpp-sde": "epsilon", "dpmpp-sde-order2": "epsilon", "fm-memoryless": "velocity"}
+    "dpmpp-sde-order2": ("dpmpp-sde", {"order": 2}),
+    # the Euler–Maruyama kernel of the same SDE: every step carries noise (benchmarks/NOTES.md, pairs table)
+    "fm-memoryless-euler": ("fm-memoryless", {"kernel": "euler"}), "ddpm-euler": ("ddpm", {"kernel": "euler"})}
+PREDICTION = {"ddpm": "epsilon", "dpmpp-sde": "epsilon", "dpmpp-sde-order2": "epsilon", "fm-memoryless": "velocity",
+              "fm-memoryless-euler": "velocity", "ddpm-euler": "epsilon"}
 K = 25
 #: budget knobs only (tests/test_solver_ground_truth.py's SETTINGS); every solver option is the default
 BUDGET: dict[str, Any] = {"hidden": 256, "depth": 3, "iters": 300, "batch_size": 256, "lr": 3e-4}
