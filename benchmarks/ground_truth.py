@@ -88,8 +88,9 @@ PROCESS_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpmpp-sde-order2": ("dpmpp-sde", {"order": 2}),
     # the Euler–Maruyama kernel of the same SDE: every step carries noise (benchmarks/NOTES.md, pairs table)
     "fm-memoryless-euler": ("fm-memoryless", {"kernel": "euler"}), "ddpm-euler": ("ddpm", {"kernel": "euler"})}
-PREDICTION = {"ddpm": "epsilon", "dpmpp-sde": "epsilon", "dpmpp-sde-order2": "epsilon", "fm-memoryless": "velocity",
-              "fm-memoryless-euler": "velocity", "ddpm-euler": "epsilon"}
+#: each benchmark process's model prediction, from its registered process
+PREDICTION = {name: {"ddpm": "epsilon", "dpmpp-sde": "epsilon", "fm-memoryless": "velocity"}[registered]
+              for name, (registered, _) in PROCESS_SPECS.items()}
 K = 25
 #: budget knobs only (tests/test_solver_ground_truth.py's SETTINGS); every solver option is the default
 BUDGET: dict[str, Any] = {"hidden": 256, "depth": 3, "iters": 300, "batch_size": 256, "lr": 3e-4}
