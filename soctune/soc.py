@@ -167,11 +167,17 @@ def _mean_se(values: Tensor) -> tuple[float, float]:
     return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
 
 
-def step_control_costs(process: Process, model: Denoiser, traj: Trajectory) -> Tensor:
+def step_control_costs(process: Process, model: Denoiser, traj: Trajectory, base_means: Tensor | None = None) -> Tensor:
     """½‖u_k‖² per step and rollout, [K, B] float64 (0 on deterministic steps): the path KL of a
-    rollout of ``model`` to the base chain, step by step (:func:`step_controls`)."""
+    rollout of ``model`` to the base chain, step by step. ``base_means`` [K, B, *S]: the base chain's step
+    means at the rollout's states when the caller has them (a solver's sweep computed them; no forward),
+    else one base forward per step (:func:`step_controls`)."""
     costs = torch.zeros(traj.num_steps, traj.batch_size, dtype=torch.float64, device=traj.xs.device)
-    for k, u in step_controls(process, model, traj, traj.cond).items():
+    if base_means is None:
+        controls = step_controls(process, model, traj, traj.cond)
+    else:
+        controls = {k: (traj.means[k] - base_means[k]) / traj.stds[k] for k in traj.stochastic_steps()}
+    for k, u in controls.items():
         costs[k] = 0.5 * u.flatten(1).double().pow(2).sum(1)
     return costs
 

@@ -60,7 +60,7 @@ from torch import Tensor
 from ..models.base import Denoiser
 from ..registry import SoctuneError, warn_user
 from ..sde.base import Process
-from ..soc import running_cost_fn, running_costs
+from ..soc import running_cost_fn, running_costs, step_control_costs
 from ..trajectory import GradSpec, Trajectory, base_states, model_step, prediction_coefficients, rollout
 from .base import FinetuneContext, LossOutput, Solver, control_units, register_solver
 
@@ -257,16 +257,6 @@ class AdjointMatching(Solver):
         adjoints.reverse()
         return AdjointPass(torch.stack(adjoints), torch.stack(base_means), reward)
 
-    @staticmethod
-    def control_costs(traj: Trajectory, base_means: Tensor) -> Tensor:
-        """½‖u_k‖² per step and sample, [K, B] float64, with u_k = (m_θ − m_base)/s_k on the
-        stochastic steps (the rollout recorded m_θ) and 0 on deterministic ones."""
-        costs = torch.zeros(traj.num_steps, traj.batch_size, dtype=torch.float64, device=traj.xs.device)
-        for k in traj.stochastic_steps():
-            u = (traj.means[k] - base_means[k]) / traj.stds[k]
-            costs[k] = 0.5 * u.flatten(1).double().pow(2).sum(1)
-        return costs
-
     @torch.no_grad()
     def score_pass(self, ctx: FinetuneContext, traj: Trajectory) -> AdjointPass:
         """Stein form of the regression target, packed like an adjoint so the loss is unchanged:
@@ -280,7 +270,7 @@ class AdjointMatching(Solver):
         with model.base():
             base_means = torch.stack([model_step(ctx.process, model, traj.xs[k], k, traj.cond, b_states[k]).mean
                                       for k in range(K)])
-        step_costs = self.control_costs(traj, base_means)
+        step_costs = step_control_costs(ctx.process, model, traj, base_means)
         cost_to_go = -self.reward_scale * reward.double()
         running = running_cost_fn(ctx.process)
         adjoints = torch.zeros_like(traj.xs)
@@ -362,7 +352,7 @@ class AdjointMatching(Solver):
         adj = sweep.adjoints
 
         # control cost of the sampled chain (free: the rollout recorded the fine-tuned means)
-        cost = self.control_costs(traj, sweep.base_means).sum(0) + running_costs(ctx.process, traj)
+        cost = step_control_costs(ctx.process, model, traj, sweep.base_means).sum(0) + running_costs(ctx.process, traj)
 
         lam_r = self.reward_scale * sweep.reward.double()
         metrics = {
