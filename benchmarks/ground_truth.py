@@ -10,7 +10,7 @@ unequal weights and full covariances, D ∈ {2, 8}, linear or quadratic reward, 
 (problem, solver × process) pair is one ``soctune.finetune`` run of the exact base mixture
 (GaussianMixtureDenoiser) with a from-scratch ControlGainDenoiser correction, with the LIBRARY DEFAULTS:
 no solver option but ``reward_scale=λ``, plus the budget knobs of tests/test_solver_ground_truth.py
-(3×256 net, 300 iterations, batch 256, lr 3e-4; nabla-db: transitions 0.5 — how many transitions of each
+(3×256 net, 300 iterations, batch 256; nabla-db: transitions 0.5 — how many transitions of each
 rollout enter its loss is a budget).
 
 Per run (one JSON row in results/ground_truth.jsonl):
@@ -62,6 +62,7 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
+from grid_optimum import GridPolicy, solve_grid  # noqa: E402
 from soctune import finetune  # noqa: E402
 from soctune.metrics import sliced_wasserstein  # noqa: E402
 from soctune.models.control import ControlGainDenoiser  # noqa: E402
@@ -92,8 +93,9 @@ PROCESS_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
 PREDICTION = {name: {"ddpm": "epsilon", "dpmpp-sde": "epsilon", "fm-memoryless": "velocity"}[registered]
               for name, (registered, _) in PROCESS_SPECS.items()}
 K = 25
-#: budget knobs only (tests/test_solver_ground_truth.py's SETTINGS); every solver option is the default
-BUDGET: dict[str, Any] = {"hidden": 256, "depth": 3, "iters": 300, "batch_size": 256, "lr": 3e-4}
+#: budget knobs only (tests/test_solver_ground_truth.py's sizes); every solver option and the training
+#: schedule (lr and its decay: ControlGainDenoiser.train_defaults) is the library's default
+BUDGET: dict[str, Any] = {"hidden": 256, "depth": 3, "iters": 300, "batch_size": 256}
 SOLVER_BUDGET: dict[str, dict[str, Any]] = {"nabla-db": {"transitions": 0.5}}
 WEIGHT_TOL, SW_FACTOR, SW_MARGIN = 0.05, 1.5, 0.15
 N_EVAL = 4096  # samples of the fine-tuned chain for the fidelity report
@@ -101,6 +103,11 @@ N_COST = 4096  # rollouts for J
 N_BOUND = 1 << 17  # base rollouts for J*_K and the K-step tilt's weights
 #: generation times after which TiltModel hands the steps back to the base (the best one is reported)
 TILT_MODEL_CUTS = (0.8, 0.9, 0.95, 0.98, 1.01)
+#: grid points per axis of the dynamic programme (grid_optimum.solve_grid) on the 2-D problems: spacing
+#: 14/320 ≈ 0.044; on problem 22 (ddpm) 161, 241 and 561 points per axis give the same weights within
+#: the sampling error (weight err 0.065 / 0.055 / 0.064) and E[V_0] 0.839 / 0.836 / 0.834
+GRID_N = 321
+DP_FILE = RESULTS / "ground_truth_dp.jsonl"
 
 
 def make_process(name: str) -> Any:
@@ -207,6 +214,36 @@ def tilt_model_reference(problem: TiltProblem, process_name: str, cuts: tuple[fl
     return best
 
 
+@torch.no_grad()
+def grid_reference(problem: TiltProblem, process_name: str, n: int = GRID_N, seed: int = 0) -> dict[str, Any]:
+    """The K-step optimum of the solvers' own control class (the base's Gaussian steps with shifted means)
+    by dynamic programming on a grid (benchmarks/grid_optimum.py; 2-D problems only): its J (soc_cost on
+    N_COST rollouts drawn from the same generator seed as a run's J with ``seed``, so the difference
+    carries little noise), E[V_0] by the DP's own value, and its samples' fidelity (N_EVAL) to the
+    closed-form tilt. No solver of the K-step problem can do better by J; when its samples miss the bounds
+    the miss is the chain's (discretisation), not the solver's."""
+    if problem.dim != 2:
+        raise SoctuneError(f"the grid DP solves 2-D problems; {problem.name} has D = {problem.dim}")
+    if PROCESS_SPECS[process_name][1].get("order", 1) != 1:
+        raise SoctuneError(f"the grid DP needs a chain Markov in x; {process_name} is multistep")
+    process = make_process(process_name)
+    base = base_model(problem, process_name, process)
+    reward = problem.reward()
+    t0 = time.perf_counter()
+    optimum = solve_grid(process, base, lambda x: -problem.lam * reward(x, None).double(), n=n)
+    solve_s = time.perf_counter() - t0
+    policy = GridPolicy(base, process, optimum)
+    j, j_se = soc_cost(process, policy, reward, problem.lam, N_COST, torch.Generator().manual_seed(200 + seed),
+                       sample_shape=(problem.dim,))
+    x = rollout(process, policy, batch_size=N_EVAL, sample_shape=(problem.dim,),
+                generator=torch.Generator().manual_seed(100 + seed)).x_final
+    fid = fidelity(x, problem.tilt)
+    x0 = process.prior((1 << 16, problem.dim), generator=torch.Generator().manual_seed(seed + 3), dtype=torch.float64)
+    return {"K": K, "grid_n": n, "dp_solve_s": solve_s, "dp_j": j, "dp_j_se": j_se,
+            "dp_value": optimum.expected_cost(x0), "dp_weights": fid["weights"], "dp_weight_err": fid["weight_err"],
+            "dp_sw": fid["sw"], "dp_sw_bound": fid["sw_bound"], "dp_within": fid["within"]}
+
+
 def correction_model(problem: TiltProblem, process_name: str, process: Any, hidden: int,
                      depth: int) -> ControlGainDenoiser:
     """The exact base + a from-scratch control-units correction net (hidden × depth)."""
@@ -225,15 +262,16 @@ def run_case(problem: TiltProblem, solver: str, process_name: str, seed: int = 0
     model = correction_model(problem, process_name, process, b["hidden"], b["depth"])
     options = {"reward_scale": problem.lam, **SOLVER_BUDGET.get(solver, {})}
     t0 = time.perf_counter()
+    train = {k: b[k] for k in ("iters", "batch_size", "lr") if k in b}  # lr only when a caller budgets one
     ft = finetune(model=model, process=process, solver=solver, solver_options=options, reward=reward,
-                  iters=b["iters"], batch_size=b["batch_size"], lr=b["lr"], seed=seed)
+                  seed=seed, **train)
     train_s = time.perf_counter() - t0
     x = ft.sample(N_EVAL, seed=100 + seed)
     j, j_se = soc_cost(process, model, reward, problem.lam, N_COST, torch.Generator().manual_seed(200 + seed),
                        sample_shape=(problem.dim,))
     ref = reference if reference is not None else kstep_reference(problem, process_name)
     return {"problem": problem.name, "index": problem.index, "dim": problem.dim,
-            "components": len(problem.base.weights),
+            "components": len(problem.base.weights), "K": K,
             "reward": problem.kind, "lam": problem.lam, "solver": solver, "process": process_name, "seed": seed,
             "budget": b, "solver_options": options, "train_s": train_s,
             # the whole training config as resolved: the library's defaults change between runs (lr_schedule did)
@@ -247,16 +285,20 @@ def _fmt_weights(w: list[float]) -> str:
     return "/".join(f"{v:.2f}" for v in w)
 
 
-def summary_table(rows: list[dict[str, Any]], refs: dict[tuple[str, str], dict[str, Any]] | None = None) -> str:
+def summary_table(rows: list[dict[str, Any]], refs: dict[tuple[str, str], dict[str, Any]] | None = None,
+                  dps: dict[tuple[str, str, int], dict[str, Any]] | None = None) -> str:
     """Markdown: one line per (solver, process) — runs, share within the bounds, median and worst weight
     error, median SW excess over its bound, median cost gap J − J*_K (± the median s.e.), the largest
     gap, the median weight error of the K-step tilted path measure's terminal law (a lower estimate of the
-    discretisation's share), how many problems' untrained base chains already met the bounds and, given
-    the tilt-model references, the median J − J(exact-tilt control) (< 0: the run found a cheaper control)."""
-    lines = ["| solver | process | runs | within bounds | weight err (median / max) | SW − bound (median) | "
+    discretisation's share), how many problems' untrained base chains already met the bounds, given
+    the tilt-model references the median J − J(exact-tilt control) (< 0: the run found a cheaper control)
+    and, given the grid-DP references (:func:`load_dp_refs`), on the 2-D problems: how many runs are within
+    the bounds, how many K-step optima are (what no solver of the chain can beat) and the median
+    J − J(K-step optimum)."""
+    lines = ["| solver | process | lr, schedule | runs | within bounds | weight err (median / max) | SW − bound (median) | "
              "gap J − J*_K (median ± s.e.) | gap max | K-step tilt weight err (median) | base already within | "
-             "J − J(tilt model) (median) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "J − J(tilt model) (median) | 2-D: runs within / K-step optimum within | 2-D: J − J(K-step optimum) (median) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     pairs = sorted({(r["solver"], r["process"]) for r in rows}, key=lambda p: [q for q in PAIRS].index(p)
                    if p in PAIRS else len(PAIRS))
     for solver, process in pairs:
@@ -265,13 +307,42 @@ def summary_table(rows: list[dict[str, Any]], refs: dict[tuple[str, str], dict[s
         known = [r["base_within"] for r in sel if "base_within" in r]  # rows of older runs lack it
         base_within = f"{sum(known)}/{len(known)}" if known else "–"
         med = statistics.median
-        lines.append(f"| {solver} | {process} | {len(sel)} | {ok}/{len(sel)} ({100 * ok / len(sel):.0f}%) | "
+        lines.append(f"| {solver} | {process} | {_schedules(sel)} | {len(sel)} | {ok}/{len(sel)} ({100 * ok / len(sel):.0f}%) | "
                      f"{med(r['weight_err'] for r in sel):.3f} / {max(r['weight_err'] for r in sel):.3f} | "
                      f"{med(r['sw'] - r['sw_bound'] for r in sel):+.3f} | "
                      f"{med(r['gap'] for r in sel):.3f} ± {med(r['gap_se'] for r in sel):.3f} | "
                      f"{max(r['gap'] for r in sel):.3f} | {med(r['kstep_weight_err'] for r in sel):.3f} | "
-                     f"{base_within} | {_median_vs_tilt_model(sel, refs)} |")
+                     f"{base_within} | {_median_vs_tilt_model(sel, refs)} | {_vs_dp(sel, dps)} |")
     return "\n".join(lines)
+
+
+def _schedules(rows: list[dict[str, Any]]) -> str:
+    """The training schedules the rows ran with ('lr 0.01 cosine'; several joined by ' / ')."""
+    seen = dict.fromkeys(f"{c['lr']:g} {c.get('lr_schedule', 'constant')}" if (c := r.get("train_config")) else "–"
+                         for r in rows)
+    return " / ".join(seen)
+
+
+def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last row of each (problem, solver, process, seed, K) in file order: a re-measured pair
+    (``--keep`` appends) supersedes its earlier rows."""
+    out = {(r["problem"], r["solver"], r["process"], r["seed"], r.get("K", 25)): r for r in rows}
+    return list(out.values())
+
+
+def _dp_of(row: dict[str, Any], dps: dict[tuple[str, str, int], dict[str, Any]] | None) -> dict[str, Any] | None:
+    return (dps or {}).get((row["problem"], row["process"], row.get("K", 25)))
+
+
+def _vs_dp(rows: list[dict[str, Any]], dps: dict[tuple[str, str, int], dict[str, Any]] | None) -> str:
+    """'runs within / optima within (of n) | median J − J(optimum)' over the rows that have a grid-DP reference."""
+    pairs = [(r, d) for r in rows if (d := _dp_of(r, dps)) is not None]
+    if not pairs:
+        return "– | –"
+    within = sum(r["within"] for r, _ in pairs)
+    optima = sum(d["dp_within"] for _, d in pairs)
+    return (f"{within}/{len(pairs)} / {optima}/{len(pairs)} | "
+            f"{statistics.median(r['j'] - d['dp_j'] for r, d in pairs):+.3f}")
 
 
 def _median_vs_tilt_model(rows: list[dict[str, Any]], refs: dict[tuple[str, str], dict[str, Any]] | None) -> str:
@@ -288,14 +359,40 @@ def load_tilt_model_refs(path: Path = RESULTS / "ground_truth_tilt_model.jsonl")
     return {(r["problem"], r["process"]): r for r in rows}
 
 
-def diagnosis(row: dict[str, Any], ref: dict[str, Any] | None) -> str:
-    """Why a run is outside the bounds, from the :func:`tilt_model_reference` of its (problem, process):
+def load_dp_refs(path: Path = DP_FILE) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """{(problem, process, K): grid-DP reference} from ``--dp``'s file (the last row of a key wins)."""
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["problem"], r["process"], r["K"]): r for r in rows}
+
+
+def diagnosis(row: dict[str, Any], ref: dict[str, Any] | None, dp: dict[str, Any] | None = None) -> str:
+    """Why a run is outside the bounds. Given the :func:`grid_reference` of its (problem, process, K) — the
+    K-step optimum itself, on 2-D problems:
+
+    * ``discretisation``: the K-step optimum misses the bounds too (no solver of this chain can meet them);
+    * ``optimisation``: it meets them at a J more than 2 s.e. below the run's;
+    * ``flat cost``: it meets them at a J within 2 s.e. of the run's.
+
+    Otherwise (8-D) from the :func:`tilt_model_reference` of its (problem, process), a control of the chain
+    but not its optimum:
 
     * ``discretisation``: the exact-tilt control itself misses the bounds on this K-step chain;
     * ``optimisation``: it meets them at a J clearly (> 2 s.e.) below the run's — the run's solver stopped
       short of a control it could represent and that costs less;
     * ``flat cost``: it meets them at a J within 2 s.e. of the run's — at the precision J is estimated and
       optimised, the cost does not pin the weights (the run is as good as the exact tilt by the objective)."""
+    if dp is not None:
+        dj = row["j"] - dp["dp_j"]
+        se = math.hypot(row["j_se"], dp["dp_j_se"])
+        if not dp["dp_within"]:
+            return (f"discretisation: the K-step optimum (grid DP) misses the bounds too, weights "
+                    f"{_fmt_weights(dp['dp_weights'])} (err {dp['dp_weight_err']:.3f}), SW {dp['dp_sw']:.3f}; "
+                    f"its J {dp['dp_j']:.3f} is {dj:+.3f} ± {se:.3f} from the run's")
+        kind = "optimisation" if dj > 2 * se else "flat cost"
+        return (f"{kind}: the K-step optimum (grid DP) meets the bounds at J {dp['dp_j']:.3f}, {dj:+.3f} ± {se:.3f} "
+                "from the run's")
     if ref is None:
         return "no tilt-model reference (run --tilt-model)"
     if not ref["tilt_model_within"]:
@@ -307,7 +404,8 @@ def diagnosis(row: dict[str, Any], ref: dict[str, Any] | None) -> str:
             f"{ref['tilt_model_j']:.3f}, {dj:+.3f} ± {se:.3f} from the run's")
 
 
-def out_of_bounds(rows: list[dict[str, Any]], refs: dict[tuple[str, str], dict[str, Any]] | None = None) -> str:
+def out_of_bounds(rows: list[dict[str, Any]], refs: dict[tuple[str, str], dict[str, Any]] | None = None,
+                  dps: dict[tuple[str, str, int], dict[str, Any]] | None = None) -> str:
     """Markdown list of every run outside the bounds: weights (run / exact / K-step tilt), SW against
     its bound, the cost gap and, given the tilt-model references {(problem, process): ref}, the
     :func:`diagnosis`."""
@@ -320,14 +418,16 @@ def out_of_bounds(rows: list[dict[str, Any]], refs: dict[tuple[str, str], dict[s
                 f"{_fmt_weights(r['kstep_weights'])}), err {r['weight_err']:.3f}; SW {r['sw']:.3f} vs bound "
                 f"{r['sw_bound']:.3f}; gap {r['gap']:.3f} ± {r['gap_se']:.3f}")
         if refs is not None:
-            line += f" — {diagnosis(r, refs.get((r['problem'], r['process'])))}"
+            line += f" — {diagnosis(r, refs.get((r['problem'], r['process'])), _dp_of(r, dps))}"
         out.append(line)
     return "\n".join(out) or "(none)"
 
 
-def diagnosis_counts(rows: list[dict[str, Any]], refs: dict[tuple[str, str], dict[str, Any]]) -> dict[str, int]:
+def diagnosis_counts(rows: list[dict[str, Any]], refs: dict[tuple[str, str], dict[str, Any]],
+                     dps: dict[tuple[str, str, int], dict[str, Any]] | None = None) -> dict[str, int]:
     """How many out-of-bounds runs fall under each :func:`diagnosis` kind."""
-    kinds = [diagnosis(r, refs.get((r["problem"], r["process"]))).split(":")[0] for r in rows if not r["within"]]
+    kinds = [diagnosis(r, refs.get((r["problem"], r["process"])), _dp_of(r, dps)).split(":")[0]
+             for r in rows if not r["within"]]
     return {k: kinds.count(k) for k in sorted(set(kinds))}
 
 
@@ -340,6 +440,7 @@ def parse_pair(spec: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global K
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sel = ap.add_mutually_exclusive_group()
     sel.add_argument("--problems", type=int, default=NUM_PROBLEMS, help="the first N problems of the fixed list")
@@ -351,11 +452,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-bound", type=int, default=N_BOUND, help="base rollouts for J*_K")
     ap.add_argument("--out", type=Path, default=RESULTS / "ground_truth.jsonl")
     ap.add_argument("--keep", action="store_true", help="append to --out instead of starting it afresh")
-    ap.add_argument("--tilt-model", action="store_true",
-                    help="only the exact-tilt control's reference per (problem, process) of the pairs, appended to "
-                         "results/ground_truth_tilt_model.jsonl (what the out-of-bounds diagnosis compares with)")
+    ap.add_argument("--num-steps", type=int, default=K, help="K, the chain's steps (a sampling budget)")
+    ref_mode = ap.add_mutually_exclusive_group()
+    ref_mode.add_argument("--tilt-model", action="store_true",
+                          help="only the exact-tilt control's reference per (problem, process) of the pairs, appended "
+                               "to results/ground_truth_tilt_model.jsonl (what the out-of-bounds diagnosis compares with)")
+    ref_mode.add_argument("--dp", action="store_true",
+                          help="only the K-step optimum by grid dynamic programming per 2-D (problem, process) of the "
+                               f"pairs, appended to {DP_FILE.relative_to(ROOT.parent)} (the diagnosis prefers it)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    K = args.num_steps
     try:
         pairs = [parse_pair(s) for s in args.pairs]
     except SoctuneError as e:
@@ -372,6 +479,21 @@ def main(argv: list[str] | None = None) -> int:
                     f.write(json.dumps(ref) + "\n")
                 print(f"{problem.name} {process}: tilt model J {ref['tilt_model_j']:.3f} ± {ref['tilt_model_j_se']:.3f} "
                       f"(cut {ref['tilt_model_cut']:g}), weight err {ref['tilt_model_weight_err']:.3f}", flush=True)
+        return 0
+    if args.dp:
+        for i in ids:
+            problem = random_tilt_problem(i)
+            if problem.dim != 2:
+                continue
+            for process in dict.fromkeys(p for _, p in pairs):
+                ref = {"problem": problem.name, "index": i, "process": process, **grid_reference(problem, process)}
+                with DP_FILE.open("a") as f:
+                    f.write(json.dumps(ref) + "\n")
+                print(f"{problem.name} {process} K={K}: DP optimum J {ref['dp_j']:.4f} ± {ref['dp_j_se']:.4f} "
+                      f"(E V_0 {ref['dp_value']:.4f}), weights {_fmt_weights(ref['dp_weights'])} (exact "
+                      f"{_fmt_weights(problem.tilt.weights.tolist())}), err {ref['dp_weight_err']:.3f}, SW "
+                      f"{ref['dp_sw']:.3f} (bound {ref['dp_sw_bound']:.3f}), "
+                      f"{'within' if ref['dp_within'] else 'OUT'}; solved in {ref['dp_solve_s']:.0f} s", flush=True)
         return 0
     budget = {"iters": args.iters, "batch_size": args.batch_size}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -393,11 +515,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"(exact {_fmt_weights(row['exact_weights'])}, err {row['weight_err']:.3f}), SW {row['sw']:.3f} "
                       f"(bound {row['sw_bound']:.3f}), gap {row['gap']:.3f} ± {row['gap_se']:.3f}, "
                       f"{'within' if row['within'] else 'OUT'}; {row['train_s']:.0f} s", flush=True)
-    refs = load_tilt_model_refs()
+    refs, dps = load_tilt_model_refs(), load_dp_refs()
     print()
-    print(summary_table(rows, refs))
+    print(summary_table(rows, refs, dps))
     print()
-    print("Out of bounds:\n" + out_of_bounds(rows, refs))
+    print("Out of bounds:\n" + out_of_bounds(rows, refs, dps))
     return 0
 
 
