@@ -414,7 +414,8 @@ def finetune(config: str | Path | dict[str, Any] | None = None, *, model: Denois
 
     ``train``: :class:`~soctune.config.TrainConfig` fields — iters, batch_size, lr, seed,
     grad_clip, grad_accum, device ("auto", "cpu", "cuda", "cuda:N", "mps"), precision ("fp32",
-    "bf16", "fp16"), log ("none", "tensorboard", "wandb"), checkpoint_every, max_nonfinite.
+    "bf16", "fp16"), log ("none", "tensorboard", "wandb"), checkpoint_every, max_nonfinite; a
+    Denoiser object's :attr:`~soctune.models.base.Denoiser.train_defaults` fill what is not given.
     ``callback(step, metrics)`` is called after every iteration. Returns a :class:`FinetuneRun`
     (``.sample(n)``, ``.save_lora(dir)``, ``.metrics``, ``.summary``).
 
@@ -442,7 +443,8 @@ def finetune(config: str | Path | dict[str, Any] | None = None, *, model: Denois
                            "keyword arguments")
     shape = resolve_sample_shape(model, sample_shape)
     return _finetune_objects(model, process, solver, reward, shape, cond_sampler, process_options,
-                             solver_options, out, resume, on_event, callback, TrainConfig(**train))
+                             solver_options, out, resume, on_event, callback,
+                             TrainConfig(**{**model.train_defaults, **train}))
 
 
 def _finetune_objects(model: Denoiser, process: Process | str | None, solver: Solver | str | None, reward: Any,

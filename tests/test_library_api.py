@@ -285,3 +285,28 @@ def test_finetune_takes_the_state_shape_from_the_model() -> None:
                  reward=reward, iters=1)
     with pytest.raises(SoctuneError, match="a diffusers model knows its state shape"):
         finetune(process="ddpm", solver="draft", reward="digit:3", sample_shape=(1, 8, 8))
+
+
+def test_a_model_class_declares_its_training_defaults() -> None:
+    """Denoiser.train_defaults sit under what the caller passes to finetune: a control-units correction
+    (ControlGainDenoiser) trains at its own lr with cosine decay unless told otherwise; a prediction
+    correction keeps TrainConfig's defaults."""
+    from soctune.config import TrainConfig
+    from soctune.models.control import ControlGainDenoiser
+    from soctune.models.gmm import GaussianMixtureDenoiser, two_mode_mixture
+
+    process = DDPM(num_steps=4)
+    base = GaussianMixtureDenoiser(two_mode_mixture(), process, "epsilon")
+
+    def reward(x: Tensor, cond: Any = None) -> Tensor:
+        return x[:, 0]
+
+    gain = ControlGainDenoiser(base, process, hidden=8, depth=1)
+    run = finetune(model=gain, process=process, solver="adjoint-matching", reward=reward, iters=1, batch_size=4)
+    assert (run.trainer.config.lr, run.trainer.config.lr_schedule) == (gain.train_defaults["lr"], "cosine")
+    run = finetune(model=gain, process=process, solver="adjoint-matching", reward=reward, iters=1, batch_size=4,
+                   lr=1e-4, lr_schedule="constant")
+    assert (run.trainer.config.lr, run.trainer.config.lr_schedule) == (1e-4, "constant")
+    plain = CorrectedDenoiser(base, hidden=8, depth=1)
+    run = finetune(model=plain, process=process, solver="adjoint-matching", reward=reward, iters=1, batch_size=4)
+    assert (run.trainer.config.lr, run.trainer.config.lr_schedule) == (TrainConfig().lr, TrainConfig().lr_schedule)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,10 @@ class Denoiser(nn.Module):
     #: True when the trainable part outputs the per-step control u_k itself (not a prediction
     #: correction): solvers' ``step_weighting="auto"`` then regresses in control units.
     control_units: bool = False
+    #: training defaults of this model class (:class:`~soctune.trainer.TrainConfig` fields): a layer
+    #: under whatever the caller passes to :func:`soctune.finetune` — the in-memory counterpart of the
+    #: ``train`` section a model folder declares in its soctune.json
+    train_defaults: ClassVar[dict[str, Any]] = {}
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
