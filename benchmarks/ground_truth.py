@@ -253,7 +253,8 @@ def correction_model(problem: TiltProblem, process_name: str, process: Any, hidd
 def run_case(problem: TiltProblem, solver: str, process_name: str, seed: int = 0, budget: dict[str, Any] | None = None,
              reference: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune ``solver`` on ``process_name`` for one problem with the library defaults and ``budget``
-    (keys of :data:`BUDGET`; missing ones from it), then report fidelity, J, J*_K and the gap (one row).
+    (keys of :data:`BUDGET`, missing ones from it, and for a study ``lr`` / ``lr_schedule``), then report
+    fidelity, J, J*_K and the gap (one row).
     ``reference``: a :func:`kstep_reference` of the same (problem, process) to reuse."""
     b = {**BUDGET, **(budget or {})}
     process = make_process(process_name)
@@ -262,7 +263,8 @@ def run_case(problem: TiltProblem, solver: str, process_name: str, seed: int = 0
     model = correction_model(problem, process_name, process, b["hidden"], b["depth"])
     options = {"reward_scale": problem.lam, **SOLVER_BUDGET.get(solver, {})}
     t0 = time.perf_counter()
-    train = {k: b[k] for k in ("iters", "batch_size", "lr") if k in b}  # lr only when a caller budgets one
+    # lr and its schedule only when a caller gives them (a study): else the model's training defaults
+    train = {k: b[k] for k in ("iters", "batch_size", "lr", "lr_schedule") if k in b}
     ft = finetune(model=model, process=process, solver=solver, solver_options=options, reward=reward,
                   seed=seed, **train)
     train_s = time.perf_counter() - t0
@@ -317,7 +319,7 @@ def summary_table(rows: list[dict[str, Any]], refs: dict[tuple[str, str], dict[s
 
 
 def _schedules(rows: list[dict[str, Any]]) -> str:
-    """The training schedules the rows ran with ('lr 0.01 cosine'; several joined by ' / ')."""
+    """The training schedules the rows ran with ('0.01 cosine': lr and schedule; several joined by ' / ')."""
     seen = dict.fromkeys(f"{c['lr']:g} {c.get('lr_schedule', 'constant')}" if (c := r.get("train_config")) else "–"
                          for r in rows)
     return " / ".join(seen)
@@ -453,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "ground_truth.jsonl")
     ap.add_argument("--keep", action="store_true", help="append to --out instead of starting it afresh")
     ap.add_argument("--num-steps", type=int, default=K, help="K, the chain's steps (a sampling budget)")
+    ap.add_argument("--lr", type=float, help="a study: this lr instead of the model's default")
+    ap.add_argument("--lr-schedule", choices=("constant", "cosine"), help="a study: this schedule instead of the model's default")
     ref_mode = ap.add_mutually_exclusive_group()
     ref_mode.add_argument("--tilt-model", action="store_true",
                           help="only the exact-tilt control's reference per (problem, process) of the pairs, appended "
@@ -495,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{ref['dp_sw']:.3f} (bound {ref['dp_sw_bound']:.3f}), "
                       f"{'within' if ref['dp_within'] else 'OUT'}; solved in {ref['dp_solve_s']:.0f} s", flush=True)
         return 0
-    budget = {"iters": args.iters, "batch_size": args.batch_size}
+    budget = {"iters": args.iters, "batch_size": args.batch_size,
+              **{k: v for k, v in (("lr", args.lr), ("lr_schedule", args.lr_schedule)) if v is not None}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if not args.keep:
         args.out.write_text("")
