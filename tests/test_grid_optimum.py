@@ -72,7 +72,8 @@ def test_policy_pays_the_value_on_a_random_mixture(process_name: str) -> None:
 def test_diagnosis_prefers_the_k_step_optimum() -> None:
     """An out-of-bounds run is 'discretisation' when the K-step optimum misses the bounds too, else
     'optimisation' / 'flat cost' by its J against the optimum's; the table counts runs and optima
-    within on the problems that have the DP; an 8-D problem or a multistep chain is refused."""
+    within on the problems that have the DP and names the schedule each pair ran with; a re-measured
+    row supersedes; an 8-D problem or a multistep chain is refused."""
     row = {"problem": "p00", "solver": "nabla-db", "process": "ddpm", "seed": 0, "K": 25, "weights": [0.5, 0.5],
            "exact_weights": [0.4, 0.6], "kstep_weights": [0.41, 0.59], "weight_err": 0.1, "sw": 0.5, "sw_bound": 0.3,
            "gap": 0.2, "gap_se": 0.01, "kstep_weight_err": 0.01, "within": False, "j": 0.1, "j_se": 0.01}
@@ -85,6 +86,10 @@ def test_diagnosis_prefers_the_k_step_optimum() -> None:
     assert "— discretisation" in ground_truth.out_of_bounds([row], {}, dps)
     assert ground_truth.diagnosis_counts([row], {}, dps) == {"discretisation": 1}
     assert ground_truth.summary_table([row], None, dps).rstrip().endswith("| 0/1 / 0/1 | +0.200 |")
+    # the table names each pair's recorded schedule; a re-measured row supersedes the earlier one
+    rerun = dict(row, within=True, train_config={"lr": 0.01, "lr_schedule": "cosine"})
+    assert ground_truth.latest([row, rerun]) == [rerun]
+    assert "| nabla-db | ddpm | 0.01 cosine | 1 | 1/1 (100%) |" in ground_truth.summary_table([rerun])
     # a row of another K has no reference
     assert ground_truth.summary_table([dict(row, K=50)], None, dps).rstrip().endswith("| – | – |")
     with pytest.raises(SoctuneError, match="2-D"):

@@ -175,7 +175,7 @@ def test_benchmark_table_and_pair_selection() -> None:
            "gap": 0.2, "gap_se": 0.01, "kstep_weight_err": 0.01, "within": False}
     good = dict(row, problem="p01", weight_err=0.01, sw=0.2, gap=0.01, within=True)
     table = ground_truth.summary_table([row, good])
-    assert "| nabla-db | ddpm | 2 | 1/2 (50%) |" in table and table.rstrip().endswith("| – |")
+    assert "| nabla-db | ddpm | – | 2 | 1/2 (50%) |" in table and table.rstrip().endswith("| – |")
     listed = ground_truth.out_of_bounds([row, good])
     assert "p00" in listed and "p01" not in listed
     # the diagnosis against the exact-tilt control's reference of the same (problem, process)
