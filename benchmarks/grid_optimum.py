@@ -47,9 +47,9 @@ from soctune.trajectory import model_step, step_prediction_coefficient
 
 @dataclass
 class GridOptimum:
-    """lo, hi, n: the square grid [lo, hi]² of n × n points; means [K, n, n, 2]: the base mean map on the
-    grid; stds [K]; targets [K, n, n, 2]: y*_k(z), the optimal step mean as a function of the base mean z
-    (z itself on deterministic steps); value0 [n, n]: V_0 on the grid."""
+    """lo, hi, n: the square grid [lo, hi]² of n × n points; stds [K]: the steps' noise s_k; targets
+    [K, n, n, 2]: y*_k(z), the optimal step mean as a function of the base step mean z on the grid (z itself
+    on deterministic steps); value0 [n, n]: V_0 on the grid."""
 
     lo: float
     hi: float
