@@ -201,8 +201,8 @@ class GridPolicy(CorrectedDenoiser):
         s = self.optimum.stds[k]
         if s == 0 or self.coefs[k] == 0:
             return out
-        with self.base():
-            m = model_step(self.process, self, x, k, cond, self.process.init_state()).mean
+        # the base step mean from the base prediction already in hand (no second forward)
+        m = self.process.step_kernel(x, k, out, self.process.init_state(), self.prediction_type).mean
         return out + (s / self.coefs[k] * self.optimum.control(k, m)).to(out.dtype)
 
 
