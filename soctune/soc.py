@@ -167,7 +167,8 @@ def _mean_se(values: Tensor) -> tuple[float, float]:
     return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
 
 
-def step_control_costs(process: Process, model: Denoiser, traj: Trajectory, base_means: Tensor | None = None) -> Tensor:
+def step_control_costs(process: Process, model: Denoiser, traj: Trajectory,
+                       base_means: Tensor | None = None) -> Tensor:
     """½‖u_k‖² per step and rollout, [K, B] float64 (0 on deterministic steps): the path KL of a
     rollout of ``model`` to the base chain, step by step. ``base_means`` [K, B, *S]: the base chain's step
     means at the rollout's states when the caller has them (a solver's sweep computed them; no forward),
