@@ -45,6 +45,21 @@ from soctune.models.base import CorrectedDenoiser, Denoiser
 from soctune.trajectory import model_step, step_prediction_coefficient
 
 
+def _bilinear(field: Tensor, x: Tensor, lo: float, hi: float) -> Tensor:
+    """Bilinear interpolation of field [n, n, C] on the grid [lo, hi]² (C channels, index [i, j] =
+    (grid[i], grid[j])) at points x [B, 2] -> [B, C]; outside the box the edge value."""
+    g = (2 * (x - lo) / (hi - lo) - 1).to(field.dtype)
+    # grid_sample's grid is (x=width index, y=height index): width is our axis 1
+    out = F.grid_sample(field.permute(2, 0, 1)[None], g[None, :, None, [1, 0]], mode="bilinear",
+                        padding_mode="border", align_corners=True)
+    return out[0, :, :, 0].T
+
+
+def _mesh(grid: Tensor) -> Tensor:
+    """The grid's points [n, n, 2], index [i, j] = (grid[i], grid[j])."""
+    return torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1)
+
+
 @dataclass
 class GridOptimum:
     """lo, hi, n: the square grid [lo, hi]² of n × n points; stds [K]: the steps' noise s_k; targets
@@ -58,25 +73,16 @@ class GridOptimum:
     targets: Tensor
     value0: Tensor
 
-    def _interp(self, field: Tensor, x: Tensor) -> Tensor:
-        """Bilinear interpolation of field [n, n, C] (C channels, index [i, j] = (grid[i], grid[j])) at
-        points x [B, 2] -> [B, C]; outside the box the edge value."""
-        g = (2 * (x - self.lo) / (self.hi - self.lo) - 1).to(field.dtype)
-        # grid_sample's grid is (x=width index, y=height index): width is our axis 1
-        out = F.grid_sample(field.permute(2, 0, 1)[None], g[None, :, None, [1, 0]], mode="bilinear",
-                            padding_mode="border", align_corners=True)
-        return out[0, :, :, 0].T
-
     def control(self, k: int, m: Tensor) -> Tensor:
         """u*_k at states whose base step mean is m [B, 2] -> [B, 2] (0 on deterministic steps)."""
         s = self.stds[k]
         if s == 0:
             return torch.zeros_like(m)
-        return (self._interp(self.targets[k], m.double()) - m.double()) / s
+        return (_bilinear(self.targets[k], m.double(), self.lo, self.hi) - m.double()) / s
 
     def expected_cost(self, x0: Tensor) -> float:
         """E[V_0(x_0)] over start samples x0 [B, 2]: the optimum's J by the DP's own value."""
-        return float(self._interp(self.value0[..., None], x0.double()).mean())
+        return float(_bilinear(self.value0[..., None], x0.double(), self.lo, self.hi).mean())
 
 
 def _blur(v: Tensor, sigma_cells: float) -> Tensor:
@@ -118,16 +124,17 @@ def _moreau(w: Tensor, grid: Tensor, s: float, refine: int = 30) -> tuple[Tensor
     m, i2 = _envelope_1d(m1, grid, s2, dim=1)  # m[z0, z1], i2[z0, z1] = argmin y1
     i0 = torch.gather(i1, 1, i2)
     y = torch.stack([grid[i0], grid[i2]], -1)
-    z = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1)
-    opt = GridOptimum(float(grid[0]), float(grid[-1]), n, [], torch.empty(0), torch.empty(0))
+    z = _mesh(grid)
+    lo, hi = float(grid[0]), float(grid[-1])
     gw = torch.stack(torch.gradient(w, spacing=h), -1)  # [n, n, 2]
 
     def total(yy: Tensor) -> Tensor:
-        return opt._interp(w[..., None], yy.reshape(-1, 2))[:, 0].reshape(n, n) + (yy - z).pow(2).sum(-1) / (2 * s2)
+        at_y = _bilinear(w[..., None], yy.reshape(-1, 2), lo, hi)[:, 0].reshape(n, n)
+        return at_y + (yy - z).pow(2).sum(-1) / (2 * s2)
 
     y_ref = y.clone()
     for _ in range(refine):
-        g = opt._interp(gw, y_ref.reshape(-1, 2)).reshape(n, n, 2)
+        g = _bilinear(gw, y_ref.reshape(-1, 2), lo, hi).reshape(n, n, 2)
         y_ref = 0.5 * y_ref + 0.5 * (z - s2 * g)
     better = total(y_ref) < total(y)
     y = torch.where(better[..., None], y_ref, y)
@@ -141,8 +148,7 @@ def solve_grid(process: Any, base: Denoiser, terminal_cost: Callable[[Tensor], T
     −λr = ``terminal_cost``(x [B, 2]) -> [B], by the recursion of the module docstring."""
     grid = torch.linspace(lo, hi, n, dtype=torch.float64)
     h = (hi - lo) / (n - 1)
-    pts = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
-    opt = GridOptimum(lo, hi, n, [], torch.empty(0), torch.empty(0))
+    pts = _mesh(grid).reshape(-1, 2)
     means, stds = [], []
     state = process.init_state()
     for k in range(process.num_steps):
@@ -154,29 +160,28 @@ def solve_grid(process: Any, base: Denoiser, terminal_cost: Callable[[Tensor], T
     for k in range(process.num_steps - 1, -1, -1):
         m, s = means[k], stds[k]
         if s == 0:
-            target = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1)
+            target = _mesh(grid)
             env = value
         else:
-            w = _blur(value, s / h) if s >= 2 * h else _gauss_hermite(value, opt, grid, s)
+            w = _blur(value, s / h) if s >= 2 * h else _gauss_hermite(value, grid, s)
             env, target = _moreau(w, grid, s)
         targets.append(target)
-        value = opt._interp(env[..., None], m)[:, 0].reshape(n, n)
-    opt.stds, opt.targets, opt.value0 = stds, torch.stack(targets[::-1]), value
-    return opt
+        value = _bilinear(env[..., None], m, lo, hi)[:, 0].reshape(n, n)
+    return GridOptimum(lo, hi, n, stds, torch.stack(targets[::-1]), value)
 
 
-def _gauss_hermite(v: Tensor, opt: GridOptimum, grid: Tensor, s: float, n_quad: int = 8) -> Tensor:
+def _gauss_hermite(v: Tensor, grid: Tensor, s: float, n_quad: int = 8) -> Tensor:
     """E_ξ v(y + sξ) on the grid y by Gauss–Hermite quadrature (for s below two grid cells, where the
     convolution kernel would be narrower than the grid)."""
     z, w = np.polynomial.hermite_e.hermegauss(n_quad)
     w = w / w.sum()
     n = grid.numel()
-    y = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
+    y = _mesh(grid).reshape(-1, 2)
     out = torch.zeros(n * n, dtype=torch.float64)
     for a in range(n_quad):
         for b in range(n_quad):
             shift = torch.tensor([float(z[a]), float(z[b])], dtype=torch.float64) * s
-            out += float(w[a] * w[b]) * opt._interp(v[..., None], y + shift)[:, 0]
+            out += float(w[a] * w[b]) * _bilinear(v[..., None], y + shift, float(grid[0]), float(grid[-1]))[:, 0]
     return out.reshape(n, n)
 
 
