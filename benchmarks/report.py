@@ -411,8 +411,9 @@ def soc_matching_section(rows: list[dict[str, Any]]) -> list[str]:
     return ["## SOC-matching's control problems: adjoint-matching against the known optimal control", "",
             "`python benchmarks/soc_matching.py` (one thread): the problems of Domingo-Enrich et al., \"Stochastic "
             "Optimal Control Matching\" (settings of github.com/facebookresearch/SOC-matching; `soctune.problems`), "
-            "adjoint-matching with the library's defaults (unless the row names options or a schedule) and the stated "
-            "budget, control model `InformedControl`. "
+            "adjoint-matching with the library's defaults (unless the row names options) and the stated "
+            "budget, control model `InformedControl`; the lr and its schedule as the run resolved them (*model "
+            "default*: `InformedControl.train_defaults`, given by no caller; older rows name what was given). "
             "*rel. L2 error* = E[Σ_k ‖u_k/√Δt − u*(x_k, t_k)‖²Δt] / the same for u = 0 (a ratio of squared errors, "
             "as SOC-matching reports it; √rel is the stricter RMS ratio); J = the SOC cost of the trained control "
             "with its standard error, beside u*'s own and the Monte Carlo K-step bound (unreliable where its s.e. "

@@ -10,6 +10,7 @@ Quadratic OU easy / hard (d = 20, K = 50, running state cost), Linear OU (d = 10
 Metrics on fresh rollouts of the trained control (:mod:`soctune.soc`):
 
 - ``rel``: E[Σ_k ‖u_k/√Δt − u*(x_k, t_k)‖²Δt] / E[Σ_k ‖u*(x_k, t_k)‖²Δt] (1 = the zero control);
+  ``rel_by_tenth`` / ``rel_by_coord``: its shares per tenth of the steps and per coordinate (each sums to rel);
 - ``J``: E[Σ_k ½‖u_k‖² + Σ_k Δt f(x_k) + g(x_K)] with its s.e., beside J of u* itself and the lower
   bound J*_K = −log E_base[exp(−Σ Δt f − g)] (its Monte Carlo estimate is unreliable when its s.e. is large).
 
@@ -46,9 +47,10 @@ from soctune.soc import ControlFunctionModel, control_l2_error, soc_cost, soc_lo
 RESULTS = ROOT / "results" / "soc_matching.jsonl"
 
 #: per-problem budget (iterations, batch) when not given on the command line: under a minute each for the OU
-#: problems on one thread, about 13 minutes for the Double Well (K = 200) on a busy 2-core machine
+#: problems on one thread, about 25 minutes for the Double Well (K = 200, the budget its rows in RESULTS.md
+#: show reaching a relative error below 0.1 with the defaults) on a busy 2-core machine
 BUDGET = {"soc-quadratic-ou-easy": (300, 128), "soc-quadratic-ou-hard": (300, 128), "soc-linear-ou": (200, 64),
-          "soc-double-well": (1500, 128)}
+          "soc-double-well": (3000, 128)}
 
 
 def make_model(kind: str, proc: SOCProblemProcess, hidden: int, depth: int) -> Denoiser:
@@ -71,7 +73,7 @@ def run(name: str, iters: int, batch: int, hidden: int, depth: int, kind: str, n
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        finetune(model=model, process=proc, solver="adjoint-matching", solver_options={"reward_scale": proc.reward_scale, **options},
+        ft = finetune(model=model, process=proc, solver="adjoint-matching", solver_options={"reward_scale": proc.reward_scale, **options},
                  reward=proc.reward, sample_shape=shape, iters=iters, batch_size=batch, seed=seed,
                  **train)
     train_s = time.perf_counter() - start
@@ -84,23 +86,36 @@ def run(name: str, iters: int, batch: int, hidden: int, depth: int, kind: str, n
                                sample_shape=shape)
     lb, lb_se = soc_lower_bound(proc, opt, proc.reward, lam, 4 * n_eval, torch.Generator().manual_seed(seed + 3),
                                 sample_shape=shape)
-    return {"problem": name, "model": kind, "hidden": hidden, "depth": depth, "iters": iters, "batch": batch, "lr": lr,
-            "lr_schedule": lr_schedule, "solver_options": options,
-            "seed": seed, "rel": err.relative, "rel_rms": err.relative_rms, "l2": err.error, "l2_se": err.error_se,
+    config = ft.trainer.config  # as resolved: given, else the model's train_defaults, else the library's
+    return {"problem": name, "model": kind, "hidden": hidden, "depth": depth, "iters": iters, "batch": batch,
+            "lr": config.lr, "lr_schedule": config.lr_schedule, "lr_given": lr is not None, "solver_options": options,
+            "seed": seed, "rel": err.relative, "rel_rms": err.relative_rms,
+            # where the error sits: shares of the zero control's error per tenth of the steps, per coordinate
+            "rel_by_tenth": _tenths(err.by_step), "rel_by_coord": list(err.by_coord), "l2": err.error, "l2_se": err.error_se,
             "zero_l2": err.zero_error, "J": j, "J_se": j_se, "J_opt": j_opt, "J_opt_se": j_opt_se, "J_lb": lb,
             "J_lb_se": lb_se, "train_s": train_s}
 
 
+def _tenths(by_step: tuple[float, ...]) -> list[float]:
+    """Per-step shares [K] summed over ten consecutive blocks of steps (the first tenth … the last)."""
+    k = len(by_step)
+    return [sum(by_step[i * k // 10:(i + 1) * k // 10]) for i in range(10)]
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| problem | d | K | model | iters × batch | rel. L2 error | √rel | J (s.e.) | J of u* | J*_K bound (s.e.) "
-            "| train time |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| problem | d | K | model | iters × batch | rel. L2 error | of it: last tenth of steps | √rel | J (s.e.) "
+            "| J of u* | J*_K bound (s.e.) | train time |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         proc = PROBLEMS[r["problem"]]()
         options = "".join(f", {k} {v}" for k, v in sorted((r.get("solver_options") or {}).items()))
+        # rows before lr_given record the lr as given (None: the library's) and a schedule only when given
         schedule = f" {r['lr_schedule']}" if r.get("lr_schedule") else ""
+        schedule += " (model default)" if r.get("lr_given") is False else ""
+        late = f"{r['rel_by_tenth'][-1]:.4g}" if "rel_by_tenth" in r else "–"  # older rows lack it
+        options += f", seed {r['seed']}" if r.get("seed") else ""
         lines.append(f"| {r['problem']} | {proc.dim} | {proc.num_steps} | {r['model']} {r['depth']}×{r['hidden']} "
-                     f"| {r['iters']} × {r['batch']}, lr {r['lr'] or 'default'}{schedule}{options} | {r['rel']:.4g} | {r['rel_rms']:.3g} | {r['J']:.3f} ({r['J_se']:.3f}) "
+                     f"| {r['iters']} × {r['batch']}, lr {r['lr'] or 'default'}{schedule}{options} | {r['rel']:.4g} | {late} | {r['rel_rms']:.3g} | {r['J']:.3f} ({r['J_se']:.3f}) "
                      f"| {r['J_opt']:.3f} | {r['J_lb']:.3f} ({r['J_lb_se']:.3f}) | {r['train_s']:.0f} s |")
     return "\n".join(lines)
 
@@ -113,9 +128,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--model", choices=("informed", "mlp"), default="informed")
-    ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the library's TrainConfig.lr)")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's train_defaults, else the library's TrainConfig.lr)")
     ap.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
-                    help="learning-rate schedule (default: the library's TrainConfig.lr_schedule)")
+                    help="learning-rate schedule (default: the model's train_defaults, else the library's)")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="an adjoint-matching option beside reward_scale, e.g. bootstrap=0.5 (repeatable)")
     ap.add_argument("--n-eval", type=int, default=4096)

@@ -48,12 +48,16 @@ class ControlL2Error:
     """E[Σ_k ‖u_k/√Δt_k − u*(x_k, t_k)‖² Δt_k] (``error``, with its standard error ``error_se``), the
     same for the zero control on the same states (``zero_error`` = E[Σ_k ‖u*‖² Δt_k]), and
     ``relative`` = error / zero_error (0: the optimum; 1: no better than u = 0).
-    ``relative_rms`` = √relative, the ratio of root-mean-square errors."""
+    ``relative_rms`` = √relative, the ratio of root-mean-square errors.
+    Where the error sits, each a share of ``zero_error`` (so each sums to ``relative``): ``by_step``
+    [one per stochastic step, in order] and ``by_coord`` [one per number of the flattened state]."""
 
     error: float
     error_se: float
     zero_error: float
     relative: float
+    by_step: tuple[float, ...] = ()
+    by_coord: tuple[float, ...] = ()
 
     @property
     def relative_rms(self) -> float:
@@ -282,6 +286,8 @@ def control_l2_error(process: Process, model: Denoiser, optimal_control: Control
     """
     _check(n)
     errs, zeros = [], []
+    by_step: dict[int, float] = {}  # Σ over rollouts of each step's squared error
+    by_coord: Tensor | None = None
     for b in _chunks(n):
         traj = rollout(process, model, batch_size=b, sample_shape=sample_shape, cond=cond, generator=generator)
         err = torch.zeros(b, dtype=torch.float64, device=traj.xs.device)
@@ -289,12 +295,18 @@ def control_l2_error(process: Process, model: Denoiser, optimal_control: Control
         for k, u in step_controls(process, model, traj, cond).items():
             dt = float(traj.ts[k + 1] - traj.ts[k])
             u_star = optimal_control(traj.xs[k], float(traj.ts[k])).double().reshape(u.shape)
-            err += dt * (u.double() / math.sqrt(dt) - u_star).flatten(1).pow(2).sum(1)
+            sq = dt * (u.double() / math.sqrt(dt) - u_star).flatten(1).pow(2)  # [b, numbers]
+            err += sq.sum(1)
             zero += dt * u_star.flatten(1).pow(2).sum(1)
+            by_step[k] = by_step.get(k, 0.0) + float(sq.sum())
+            by_coord = sq.sum(0) if by_coord is None else by_coord + sq.sum(0)
         errs.append(err)
         zeros.append(zero)
     error, error_se = _mean_se(torch.cat(errs))
     zero_error = float(torch.cat(zeros).mean())
     if zero_error <= 0:
         raise SoctuneError("the optimal control is zero on every visited state: the relative error is undefined")
-    return ControlL2Error(error, error_se, zero_error, error / zero_error)
+    total = n * zero_error
+    coords = () if by_coord is None else tuple(float(v) / total for v in by_coord.cpu())
+    return ControlL2Error(error, error_se, zero_error, error / zero_error,
+                          tuple(by_step[k] / total for k in sorted(by_step)), coords)

@@ -66,6 +66,28 @@ def test_scaled_control_has_the_exact_relative_error() -> None:
     assert err.relative == pytest.approx(0.25, rel=1e-6) and err.relative_rms == pytest.approx(0.5, rel=1e-6)
 
 
+def test_control_error_breakdown_locates_the_error() -> None:
+    """A control equal to u* except on coordinate 2 from t = 0.5 on (there 0): the error's shares sit on
+    that coordinate and those steps only, and each breakdown sums to the relative error."""
+    proc = get_problem("soc-quadratic-ou-easy", num_steps=10)
+
+    def wrong_late(x: torch.Tensor, t: float) -> torch.Tensor:
+        u = proc.optimal_control(x, t).clone()
+        if t >= 0.5:
+            u[:, 2] = 0
+        return u
+
+    err = control_l2_error(proc, ControlFunctionModel(wrong_late), proc.optimal_control, 256, gen(0),
+                           sample_shape=(proc.dim,))
+    assert len(err.by_step) == 10 and len(err.by_coord) == proc.dim
+    assert sum(err.by_step) == pytest.approx(err.relative, rel=1e-9)
+    assert sum(err.by_coord) == pytest.approx(err.relative, rel=1e-9)
+    assert err.relative > 0.01
+    # elsewhere u → mean shift → u round-trips in float32: shares ~1e-13
+    assert all(v < 1e-9 for v in err.by_step[:5]) and all(v > 1e-3 for v in err.by_step[5:])
+    assert all(v < 1e-9 for i, v in enumerate(err.by_coord) if i != 2)
+
+
 def test_running_cost_enters_cost_and_bound() -> None:
     """Quadratic OU (easy) has f = 0.2‖x‖²: with it, the Riccati control's J sits at the lower bound;
     the cost without f (a process that hides it) is lower by E[Σ Δt f] > 0."""
@@ -168,7 +190,7 @@ def test_adjoint_matching_includes_the_running_cost() -> None:
     torch.manual_seed(0)
     model = InformedControl(proc, proc.reward, proc.dim, hidden=64, depth=2)
     run = finetune(model=model, process=proc, solver="adjoint-matching", reward=proc.reward, sample_shape=shape,
-                   iters=150, batch_size=64, lr=1e-3, seed=0)
+                   iters=150, batch_size=64, seed=0)  # InformedControl's train_defaults
     err = control_l2_error(proc, model, proc.optimal_control, 1024, gen(0), sample_shape=shape)
     assert err.relative < 0.1, err
     # the solver's logged SOC cost includes ∫f too: it matches the public metric's J of the trained control
