@@ -47,8 +47,8 @@ from soctune.soc import ControlFunctionModel, control_l2_error, soc_cost, soc_lo
 RESULTS = ROOT / "results" / "soc_matching.jsonl"
 
 #: per-problem budget (iterations, batch) when not given on the command line: under a minute each for the OU
-#: problems on one thread, about 25 minutes for the Double Well (K = 200, the budget its rows in RESULTS.md
-#: show reaching a relative error below 0.1 with the defaults) on a busy 2-core machine
+#: problems on one thread, about 25 minutes for the Double Well (K = 200; the budget at which its rows in
+#: RESULTS.md show the defaults reaching a relative error near 0.1, seed by seed) on a busy 2-core machine
 BUDGET = {"soc-quadratic-ou-easy": (300, 128), "soc-quadratic-ou-hard": (300, 128), "soc-linear-ou": (200, 64),
           "soc-double-well": (3000, 128)}
 
