@@ -73,9 +73,9 @@ def run(name: str, iters: int, batch: int, hidden: int, depth: int, kind: str, n
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        ft = finetune(model=model, process=proc, solver="adjoint-matching", solver_options={"reward_scale": proc.reward_scale, **options},
-                 reward=proc.reward, sample_shape=shape, iters=iters, batch_size=batch, seed=seed,
-                 **train)
+        ft = finetune(model=model, process=proc, solver="adjoint-matching",
+                      solver_options={"reward_scale": proc.reward_scale, **options}, reward=proc.reward,
+                      sample_shape=shape, iters=iters, batch_size=batch, seed=seed, **train)
     train_s = time.perf_counter() - start
     lam = proc.reward_scale
     err = control_l2_error(proc, model, proc.optimal_control, n_eval, torch.Generator().manual_seed(seed + 1),
@@ -91,7 +91,8 @@ def run(name: str, iters: int, batch: int, hidden: int, depth: int, kind: str, n
             "lr": config.lr, "lr_schedule": config.lr_schedule, "lr_given": lr is not None, "solver_options": options,
             "seed": seed, "rel": err.relative, "rel_rms": err.relative_rms,
             # where the error sits: shares of the zero control's error per tenth of the steps, per coordinate
-            "rel_by_tenth": _tenths(err.by_step), "rel_by_coord": list(err.by_coord), "l2": err.error, "l2_se": err.error_se,
+            "rel_by_tenth": _tenths(err.by_step), "rel_by_coord": list(err.by_coord),
+            "l2": err.error, "l2_se": err.error_se,
             "zero_l2": err.zero_error, "J": j, "J_se": j_se, "J_opt": j_opt, "J_opt_se": j_opt_se, "J_lb": lb,
             "J_lb_se": lb_se, "train_s": train_s}
 
@@ -128,7 +129,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--model", choices=("informed", "mlp"), default="informed")
-    ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's train_defaults, else the library's TrainConfig.lr)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="learning rate (default: the model's train_defaults, else the library's TrainConfig.lr)")
     ap.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
                     help="learning-rate schedule (default: the model's train_defaults, else the library's)")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",

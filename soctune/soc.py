@@ -286,7 +286,7 @@ def control_l2_error(process: Process, model: Denoiser, optimal_control: Control
     """
     _check(n)
     errs, zeros = [], []
-    by_step: dict[int, float] = {}  # Σ over rollouts of each step's squared error
+    by_step: dict[int, Tensor] = {}  # Σ over rollouts of each step's squared error (on the device: no sync per step)
     by_coord: Tensor | None = None
     for b in _chunks(n):
         traj = rollout(process, model, batch_size=b, sample_shape=sample_shape, cond=cond, generator=generator)
@@ -298,7 +298,7 @@ def control_l2_error(process: Process, model: Denoiser, optimal_control: Control
             sq = dt * (u.double() / math.sqrt(dt) - u_star).flatten(1).pow(2)  # [b, numbers]
             err += sq.sum(1)
             zero += dt * u_star.flatten(1).pow(2).sum(1)
-            by_step[k] = by_step.get(k, 0.0) + float(sq.sum())
+            by_step[k] = by_step[k] + sq.sum() if k in by_step else sq.sum()
             by_coord = sq.sum(0) if by_coord is None else by_coord + sq.sum(0)
         errs.append(err)
         zeros.append(zero)
@@ -309,4 +309,4 @@ def control_l2_error(process: Process, model: Denoiser, optimal_control: Control
     total = n * zero_error
     coords = () if by_coord is None else tuple(float(v) / total for v in by_coord.cpu())
     return ControlL2Error(error, error_se, zero_error, error / zero_error,
-                          tuple(by_step[k] / total for k in sorted(by_step)), coords)
+                          tuple(float(by_step[k]) / total for k in sorted(by_step)), coords)

@@ -46,7 +46,7 @@ class InformedControl(SwitchableDenoiser):
     prediction_type = "control"
     #: a from-scratch control network like ControlGainDenoiser's, with the same training defaults: on the
     #: Double Well (benchmarks/soc_matching.py, 1500 × 128) lr 1e-2 with a cosine decay reaches a lower
-    #: control error than lr 1e-3 constant (benchmarks/RESULTS.md), and the OU problems stay at theirs
+    #: control error than lr 1e-3 constant, and so do the OU problems (benchmarks/RESULTS.md)
     train_defaults = {"lr": 1e-2, "lr_schedule": "cosine"}
 
     def __init__(self, process: Any, reward: RewardFn, dim: int, reward_scale: float = 1.0,
