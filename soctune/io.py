@@ -372,7 +372,7 @@ def load_state(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     with open(path, "rb") as f:  # a missing/unreadable file raises OSError as usual
-        head = f.read(8)
+        head = f.read(9)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
@@ -380,7 +380,10 @@ def load_state(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 — safetensors only parses; nothing here can run code
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.errno is not None:
             raise
-        if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        # a safetensors file opens with its header's length (8 bytes, little-endian) and then '{'; that length's
+        # low byte can be 0x80, the pickle protocol mark, so a truncated state is told apart by its 9th byte
+        safetensors_shaped = head[8:9] == b"{"
+        if head.startswith(b"PK\x03\x04") or (head.startswith(b"\x80") and not safetensors_shaped):
             raise UnsafeOrCorruptStateError(
                 f"cannot load {path}: refused: it holds a pickle, which can execute code when loaded; "
                 "soctune never unpickles run files (start a fresh run, or point to a checkpoint "

@@ -192,6 +192,21 @@ def test_truncated_file_is_corrupt(tmp_path: Path, cut: int) -> None:
     assert "pickle" not in msg
 
 
+def test_truncated_state_whose_header_length_looks_like_a_pickle_mark_is_corrupt(tmp_path: Path) -> None:
+    """A header of 640 bytes = 0x0280 makes the file's first bytes 80 02, pickle protocol 2's mark; a
+    truncated state of that shape is corrupt, not a pickle (test_reliability's truncated checkpoint met it in
+    a fresh clone: its header length, which varies with the run's path, had the low byte 0x80)."""
+    header = b'{"__metadata__":{"k":"' + b"x" * 640
+    header = header[:640]
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(len(header).to_bytes(8, "little") + header[:300])
+    assert bad.read_bytes()[:2] == b"\x80\x02"
+    with pytest.raises(UnsafeOrCorruptStateError) as info:
+        load_state(bad)
+    msg = str(info.value)
+    assert "corrupt" in msg and "truncated" in msg and "pickle" not in msg
+
+
 def test_plain_safetensors_without_skeleton_is_refused(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
