@@ -86,9 +86,11 @@ def run(name: str, iters: int, batch: int, hidden: int, depth: int, kind: str, n
                                sample_shape=shape)
     lb, lb_se = soc_lower_bound(proc, opt, proc.reward, lam, 4 * n_eval, torch.Generator().manual_seed(seed + 3),
                                 sample_shape=shape)
-    config = ft.trainer.config  # as resolved: given, else the model's train_defaults, else the library's
+    # as resolved: given, else the model's train_defaults, else the library's; lr_given: the lr or its schedule
+    # came from the caller (the table's "(model default)" is for neither)
+    config = ft.trainer.config
     return {"problem": name, "model": kind, "hidden": hidden, "depth": depth, "iters": iters, "batch": batch,
-            "lr": config.lr, "lr_schedule": config.lr_schedule, "lr_given": lr is not None, "solver_options": options,
+            "lr": config.lr, "lr_schedule": config.lr_schedule, "lr_given": bool(train), "solver_options": options,
             "seed": seed, "rel": err.relative, "rel_rms": err.relative_rms,
             # where the error sits: shares of the zero control's error per tenth of the steps, per coordinate
             "rel_by_tenth": _tenths(err.by_step), "rel_by_coord": list(err.by_coord),
