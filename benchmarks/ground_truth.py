@@ -31,7 +31,7 @@ Per run (one JSON row in results/ground_truth.jsonl):
   two-mode problem is further from the closed form: left-mode weight 0.152 against this 0.127 and 0.119);
 * the untrained base chain's fidelity (``base_*``).
 
-``--tilt-model`` (results/ground_truth_tilt_model.jsonl) adds, per (problem, process), an ACHIEVABLE reference:
+``--tilt-model`` (results/ground_truth_tilt_model.jsonl) adds, per (problem, process, K), an ACHIEVABLE reference:
 :class:`TiltModel`, the closed-form tilt's exact denoiser run on the K-step chain (handed back to the base on
 the last steps), its J and whether its samples meet the bounds. Every run outside the bounds is then
 classified (:func:`diagnosis`): optimisation shortfall, flat cost or discretisation.
@@ -208,7 +208,7 @@ def tilt_model_reference(problem: TiltProblem, process_name: str, cuts: tuple[fl
             x = rollout(process, model, batch_size=N_EVAL, sample_shape=(problem.dim,),
                         generator=torch.Generator().manual_seed(seed + 1)).x_final
             fid = fidelity(x, problem.tilt)
-            best = {"tilt_model_j": j, "tilt_model_j_se": j_se, "tilt_model_cut": cut,
+            best = {"K": K, "tilt_model_j": j, "tilt_model_j_se": j_se, "tilt_model_cut": cut,
                     "tilt_model_weights": fid["weights"], "tilt_model_weight_err": fid["weight_err"],
                     "tilt_model_within": fid["within"]}
     return best
@@ -287,9 +287,9 @@ def _fmt_weights(w: list[float]) -> str:
     return "/".join(f"{v:.2f}" for v in w)
 
 
-def summary_table(rows: list[dict[str, Any]], refs: dict[tuple[str, str], dict[str, Any]] | None = None,
+def summary_table(rows: list[dict[str, Any]], refs: dict[tuple[str, str, int], dict[str, Any]] | None = None,
                   dps: dict[tuple[str, str, int], dict[str, Any]] | None = None) -> str:
-    """Markdown: one line per (solver, process) — runs, share within the bounds, median and worst weight
+    """Markdown: one line per (solver, process, K) — runs, share within the bounds, median and worst weight
     error, median SW excess over its bound, median cost gap J − J*_K (± the median s.e.), the largest
     gap, the median weight error of the K-step tilted path measure's terminal law (a lower estimate of the
     discretisation's share), how many problems' untrained base chains already met the bounds, given
@@ -297,19 +297,19 @@ def summary_table(rows: list[dict[str, Any]], refs: dict[tuple[str, str], dict[s
     and, given the grid-DP references (:func:`load_dp_refs`), on the 2-D problems: how many runs are within
     the bounds, how many K-step optima are (what no solver of the chain can beat) and the median
     J − J(K-step optimum)."""
-    lines = ["| solver | process | lr, schedule | runs | within bounds | weight err (median / max) | SW − bound (median) | "
+    lines = ["| solver | process | K | lr, schedule | runs | within bounds | weight err (median / max) | SW − bound (median) | "
              "gap J − J*_K (median ± s.e.) | gap max | K-step tilt weight err (median) | base already within | "
              "J − J(tilt model) (median) | 2-D: runs within / K-step optimum within | 2-D: J − J(K-step optimum) (median) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    pairs = sorted({(r["solver"], r["process"]) for r in rows}, key=lambda p: [q for q in PAIRS].index(p)
-                   if p in PAIRS else len(PAIRS))
-    for solver, process in pairs:
-        sel = [r for r in rows if (r["solver"], r["process"]) == (solver, process)]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["solver"], r["process"], r.get("K", 25)) for r in rows},
+                  key=lambda p: (PAIRS.index(p[:2]) if p[:2] in PAIRS else len(PAIRS), p[2]))
+    for solver, process, k in keys:
+        sel = [r for r in rows if (r["solver"], r["process"], r.get("K", 25)) == (solver, process, k)]
         ok = sum(r["within"] for r in sel)
         known = [r["base_within"] for r in sel if "base_within" in r]  # rows of older runs lack it
         base_within = f"{sum(known)}/{len(known)}" if known else "–"
         med = statistics.median
-        lines.append(f"| {solver} | {process} | {_schedules(sel)} | {len(sel)} | {ok}/{len(sel)} ({100 * ok / len(sel):.0f}%) | "
+        lines.append(f"| {solver} | {process} | {k} | {_schedules(sel)} | {len(sel)} | {ok}/{len(sel)} ({100 * ok / len(sel):.0f}%) | "
                      f"{med(r['weight_err'] for r in sel):.3f} / {max(r['weight_err'] for r in sel):.3f} | "
                      f"{med(r['sw'] - r['sw_bound'] for r in sel):+.3f} | "
                      f"{med(r['gap'] for r in sel):.3f} ± {med(r['gap_se'] for r in sel):.3f} | "
@@ -332,8 +332,17 @@ def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(out.values())
 
 
+def _ref_key(row: dict[str, Any]) -> tuple[str, str, int]:
+    """(problem, process, K) of a run or reference row (rows before K was recorded ran K = 25)."""
+    return row["problem"], row["process"], row.get("K", 25)
+
+
 def _dp_of(row: dict[str, Any], dps: dict[tuple[str, str, int], dict[str, Any]] | None) -> dict[str, Any] | None:
-    return (dps or {}).get((row["problem"], row["process"], row.get("K", 25)))
+    return (dps or {}).get(_ref_key(row))
+
+
+def _tilt_model_of(row: dict[str, Any], refs: dict[tuple[str, str, int], dict[str, Any]] | None) -> dict[str, Any] | None:
+    return (refs or {}).get(_ref_key(row))
 
 
 def _vs_dp(rows: list[dict[str, Any]], dps: dict[tuple[str, str, int], dict[str, Any]] | None) -> str:
@@ -347,18 +356,17 @@ def _vs_dp(rows: list[dict[str, Any]], dps: dict[tuple[str, str, int], dict[str,
             f"{statistics.median(r['j'] - d['dp_j'] for r, d in pairs):+.3f}")
 
 
-def _median_vs_tilt_model(rows: list[dict[str, Any]], refs: dict[tuple[str, str], dict[str, Any]] | None) -> str:
-    d = [r["j"] - refs[(r["problem"], r["process"])]["tilt_model_j"] for r in rows
-         if refs and (r["problem"], r["process"]) in refs]
+def _median_vs_tilt_model(rows: list[dict[str, Any]], refs: dict[tuple[str, str, int], dict[str, Any]] | None) -> str:
+    d = [r["j"] - ref["tilt_model_j"] for r in rows if (ref := _tilt_model_of(r, refs)) is not None]
     return f"{statistics.median(d):+.3f} ({len(d)})" if d else "–"
 
 
-def load_tilt_model_refs(path: Path = RESULTS / "ground_truth_tilt_model.jsonl") -> dict[tuple[str, str], dict[str, Any]]:
-    """{(problem, process): tilt-model reference} from ``--tilt-model``'s file (the last row of a pair wins)."""
+def load_tilt_model_refs(path: Path = RESULTS / "ground_truth_tilt_model.jsonl") -> dict[tuple[str, str, int], dict[str, Any]]:
+    """{(problem, process, K): tilt-model reference} from ``--tilt-model``'s file (the last row of a key wins)."""
     if not path.is_file():
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(r["problem"], r["process"]): r for r in rows}
+    return {_ref_key(r): r for r in rows}
 
 
 def load_dp_refs(path: Path = DP_FILE) -> dict[tuple[str, str, int], dict[str, Any]]:
@@ -366,7 +374,7 @@ def load_dp_refs(path: Path = DP_FILE) -> dict[tuple[str, str, int], dict[str, A
     if not path.is_file():
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(r["problem"], r["process"], r["K"]): r for r in rows}
+    return {_ref_key(r): r for r in rows}
 
 
 def diagnosis(row: dict[str, Any], ref: dict[str, Any] | None, dp: dict[str, Any] | None = None) -> str:
@@ -377,7 +385,7 @@ def diagnosis(row: dict[str, Any], ref: dict[str, Any] | None, dp: dict[str, Any
     * ``optimisation``: it meets them at a J more than 2 s.e. below the run's;
     * ``flat cost``: it meets them at a J within 2 s.e. of the run's.
 
-    Otherwise (8-D) from the :func:`tilt_model_reference` of its (problem, process), a control of the chain
+    Otherwise (8-D) from the :func:`tilt_model_reference` of its (problem, process, K), a control of the chain
     but not its optimum:
 
     * ``discretisation``: the exact-tilt control itself misses the bounds on this K-step chain;
@@ -406,29 +414,29 @@ def diagnosis(row: dict[str, Any], ref: dict[str, Any] | None, dp: dict[str, Any
             f"{ref['tilt_model_j']:.3f}, {dj:+.3f} ± {se:.3f} from the run's")
 
 
-def out_of_bounds(rows: list[dict[str, Any]], refs: dict[tuple[str, str], dict[str, Any]] | None = None,
+def out_of_bounds(rows: list[dict[str, Any]], refs: dict[tuple[str, str, int], dict[str, Any]] | None = None,
                   dps: dict[tuple[str, str, int], dict[str, Any]] | None = None) -> str:
     """Markdown list of every run outside the bounds: weights (run / exact / K-step tilt), SW against
-    its bound, the cost gap and, given the tilt-model references {(problem, process): ref}, the
+    its bound, the cost gap and, given the tilt-model references {(problem, process, K): ref}, the
     :func:`diagnosis`."""
     out = []
     for r in rows:
         if r["within"]:
             continue
-        line = (f"- {r['problem']} {r['solver']} on {r['process']} (seed {r['seed']}): weights "
+        line = (f"- {r['problem']} {r['solver']} on {r['process']} (K = {r.get('K', 25)}, seed {r['seed']}): weights "
                 f"{_fmt_weights(r['weights'])} vs exact {_fmt_weights(r['exact_weights'])} (K-step tilt "
                 f"{_fmt_weights(r['kstep_weights'])}), err {r['weight_err']:.3f}; SW {r['sw']:.3f} vs bound "
                 f"{r['sw_bound']:.3f}; gap {r['gap']:.3f} ± {r['gap_se']:.3f}")
         if refs is not None:
-            line += f" — {diagnosis(r, refs.get((r['problem'], r['process'])), _dp_of(r, dps))}"
+            line += f" — {diagnosis(r, _tilt_model_of(r, refs), _dp_of(r, dps))}"
         out.append(line)
     return "\n".join(out) or "(none)"
 
 
-def diagnosis_counts(rows: list[dict[str, Any]], refs: dict[tuple[str, str], dict[str, Any]],
+def diagnosis_counts(rows: list[dict[str, Any]], refs: dict[tuple[str, str, int], dict[str, Any]],
                      dps: dict[tuple[str, str, int], dict[str, Any]] | None = None) -> dict[str, int]:
     """How many out-of-bounds runs fall under each :func:`diagnosis` kind."""
-    kinds = [diagnosis(r, refs.get((r["problem"], r["process"])), _dp_of(r, dps)).split(":")[0]
+    kinds = [diagnosis(r, _tilt_model_of(r, refs), _dp_of(r, dps)).split(":")[0]
              for r in rows if not r["within"]]
     return {k: kinds.count(k) for k in sorted(set(kinds))}
 
@@ -459,8 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr-schedule", choices=("constant", "cosine"), help="a study: this schedule instead of the model's default")
     ref_mode = ap.add_mutually_exclusive_group()
     ref_mode.add_argument("--tilt-model", action="store_true",
-                          help="only the exact-tilt control's reference per (problem, process) of the pairs, appended "
-                               "to results/ground_truth_tilt_model.jsonl (what the out-of-bounds diagnosis compares with)")
+                          help="only the exact-tilt control's reference per (problem, process) of the pairs at "
+                               "--num-steps, appended to results/ground_truth_tilt_model.jsonl (what the out-of-bounds "
+                               "diagnosis compares with)")
     ref_mode.add_argument("--dp", action="store_true",
                           help="only the K-step optimum by grid dynamic programming per 2-D (problem, process) of the "
                                f"pairs, appended to {DP_FILE.relative_to(ROOT.parent)} (the diagnosis prefers it)")
@@ -481,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                 ref = {"problem": problem.name, "index": i, "process": process, **tilt_model_reference(problem, process)}
                 with out.open("a") as f:
                     f.write(json.dumps(ref) + "\n")
-                print(f"{problem.name} {process}: tilt model J {ref['tilt_model_j']:.3f} ± {ref['tilt_model_j_se']:.3f} "
+                print(f"{problem.name} {process} K={K}: tilt model J {ref['tilt_model_j']:.3f} ± {ref['tilt_model_j_se']:.3f} "
                       f"(cut {ref['tilt_model_cut']:g}), weight err {ref['tilt_model_weight_err']:.3f}", flush=True)
         return 0
     if args.dp:

@@ -364,7 +364,7 @@ def ground_truth_section(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["## Randomised ground truth: random Gaussian mixtures, library defaults", "",
              f"`python benchmarks/ground_truth.py`: {len(problems)} problems of the fixed list "
              "(soctune.models.gmm_problems: 2–5 components, unequal weights and full covariances, D ∈ {2, 8}, linear "
-             f"or quadratic reward, λ ∈ {{0.5, 1, 2}}), K = {K}, the exact base mixture plus a from-scratch "
+             f"or quadratic reward, λ ∈ {{0.5, 1, 2}}), K = {K} steps (column *K*: a line per K where a pair also ran with another step count, `--num-steps`), the exact base mixture plus a from-scratch "
              f"ControlGainDenoiser {b['depth']}×{b['hidden']}, {b['iters']} iterations of batch {b['batch_size']}, "
              "the model's training defaults (column *lr, schedule*: ControlGainDenoiser.train_defaults, lr 0.01 with "
              "cosine decay; a pair not re-measured since that default came in shows the earlier lr 0.0003, "

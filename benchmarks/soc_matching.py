@@ -48,7 +48,8 @@ RESULTS = ROOT / "results" / "soc_matching.jsonl"
 
 #: per-problem budget (iterations, batch) when not given on the command line: under a minute each for the OU
 #: problems on one thread, about 25 minutes for the Double Well (K = 200; the budget at which its rows in
-#: RESULTS.md show the defaults reaching a relative error near 0.1, seed by seed) on a busy 2-core machine
+#: RESULTS.md show the defaults reaching a relative error near 0.1, seed by seed; their 4500-iteration rows
+#: are not lower — benchmarks/NOTES.md) on a busy 2-core machine
 BUDGET = {"soc-quadratic-ou-easy": (300, 128), "soc-quadratic-ou-hard": (300, 128), "soc-linear-ou": (200, 64),
           "soc-double-well": (3000, 128)}
 

@@ -89,7 +89,7 @@ def test_diagnosis_prefers_the_k_step_optimum() -> None:
     # the table names each pair's recorded schedule; a re-measured row supersedes the earlier one
     rerun = dict(row, within=True, train_config={"lr": 0.01, "lr_schedule": "cosine"})
     assert ground_truth.latest([row, rerun]) == [rerun]
-    assert "| nabla-db | ddpm | 0.01 cosine | 1 | 1/1 (100%) |" in ground_truth.summary_table([rerun])
+    assert "| nabla-db | ddpm | 25 | 0.01 cosine | 1 | 1/1 (100%) |" in ground_truth.summary_table([rerun])
     # a row of another K has no reference
     assert ground_truth.summary_table([dict(row, K=50)], None, dps).rstrip().endswith("| – | – |")
     with pytest.raises(SoctuneError, match="2-D"):

@@ -175,7 +175,7 @@ def test_benchmark_table_and_pair_selection() -> None:
            "gap": 0.2, "gap_se": 0.01, "kstep_weight_err": 0.01, "within": False}
     good = dict(row, problem="p01", weight_err=0.01, sw=0.2, gap=0.01, within=True)
     table = ground_truth.summary_table([row, good])
-    assert "| nabla-db | ddpm | – | 2 | 1/2 (50%) |" in table and table.rstrip().endswith("| – |")
+    assert "| nabla-db | ddpm | 25 | – | 2 | 1/2 (50%) |" in table and table.rstrip().endswith("| – |")
     listed = ground_truth.out_of_bounds([row, good])
     assert "p00" in listed and "p01" not in listed
     # the diagnosis against the exact-tilt control's reference of the same (problem, process)
@@ -184,10 +184,14 @@ def test_benchmark_table_and_pair_selection() -> None:
     assert ground_truth.diagnosis(row, ref).startswith("optimisation")
     assert ground_truth.diagnosis(row, dict(ref, tilt_model_j=0.09)).startswith("flat cost")
     assert ground_truth.diagnosis(row, dict(ref, tilt_model_within=False)).startswith("discretisation")
-    refs = {("p00", "ddpm"): ref}
+    refs = {("p00", "ddpm", 25): ref}
     assert "— optimisation" in ground_truth.out_of_bounds([row, good], refs)
     assert ground_truth.diagnosis_counts([row, good], refs) == {"optimisation": 1}
     assert ground_truth.summary_table([row, good], refs).rstrip().endswith("| +0.200 (1) | – | – |")
+    # a reference holds for its own K: a run with another step count is a line of its own, without it
+    table = ground_truth.summary_table([row, good, dict(row, K=50)], refs)
+    assert "| nabla-db | ddpm | 50 | – | 1 | 0/1 (0%) |" in table and table.rstrip().endswith("| – | – | – |")
+    assert ground_truth.diagnosis_counts([dict(row, K=50)], refs) == {"no tilt-model reference (run --tilt-model)": 1}
     with pytest.raises(SoctuneError, match="SOLVER:PROCESS"):
         ground_truth.parse_pair("draft:ddpm")
 
