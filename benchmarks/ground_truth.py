@@ -71,7 +71,7 @@ from soctune.models.base import SwitchableDenoiser  # noqa: E402
 from soctune.models.gmm_problems import TiltProblem, random_tilt_problem  # noqa: E402
 from soctune.registry import SoctuneError  # noqa: E402
 from soctune.sde import get_process  # noqa: E402
-from soctune.soc import soc_cost, soc_lower_bound  # noqa: E402
+from soctune.soc import soc_cost, soc_costs, soc_lower_bound  # noqa: E402
 from soctune.trajectory import rollout  # noqa: E402
 
 RESULTS = ROOT / "results"
@@ -194,27 +194,34 @@ class TiltModel(SwitchableDenoiser):
 
 @torch.no_grad()
 def tilt_model_reference(problem: TiltProblem, process_name: str, cuts: tuple[float, ...] = TILT_MODEL_CUTS,
-                         seed: int = 11) -> dict[str, Any]:
-    """The best (least J) :class:`TiltModel` over ``cuts``: its J (soc_cost, N_COST rollouts) with s.e., its
-    cut and its samples' fidelity (N_EVAL) to the closed-form tilt."""
+                         seed: int = 11, against: Tensor | None = None) -> dict[str, Any]:
+    """The best (least J) :class:`TiltModel` over ``cuts``: its J (soc_costs, N_COST rollouts of generator seed
+    ``seed``) with s.e., its cut and its samples' fidelity (N_EVAL) to the closed-form tilt.
+
+    ``against``: a run's own path costs [N_COST] on the SAME seed (:func:`run_case`); then also the run's
+    J − J(tilt model) with its paired standard error (``tilt_model_dj``, ``tilt_model_dj_se``: common random
+    numbers, far below either J's s.e.)."""
     process = make_process(process_name)
     reward = problem.reward()
     best: dict[str, Any] = {}
     for cut in cuts:
         model = TiltModel(problem, process_name, process, cut)
-        j, j_se = soc_cost(process, model, reward, problem.lam, N_COST, torch.Generator().manual_seed(seed),
-                           sample_shape=(problem.dim,))
+        costs = soc_costs(process, model, reward, problem.lam, N_COST, torch.Generator().manual_seed(seed),
+                          sample_shape=(problem.dim,))
+        j = float(costs.mean())
         if not best or j < best["tilt_model_j"]:
             x = rollout(process, model, batch_size=N_EVAL, sample_shape=(problem.dim,),
                         generator=torch.Generator().manual_seed(seed + 1)).x_final
             fid = fidelity(x, problem.tilt)
-            best = {"K": K, "tilt_model_j": j, "tilt_model_j_se": j_se, "tilt_model_cut": cut,
-                    "tilt_model_weights": fid["weights"], "tilt_model_weight_err": fid["weight_err"],
-                    "tilt_model_within": fid["within"]}
+            best = {"K": K, "tilt_model_j": j, "tilt_model_j_se": float(costs.std()) / math.sqrt(N_COST),
+                    "tilt_model_cut": cut, "tilt_model_weights": fid["weights"],
+                    "tilt_model_weight_err": fid["weight_err"], "tilt_model_within": fid["within"]}
+            if against is not None:
+                d = against - costs
+                best |= {"tilt_model_dj": float(d.mean()), "tilt_model_dj_se": float(d.std()) / math.sqrt(N_COST)}
     return best
 
 
-@torch.no_grad()
 def grid_reference(problem: TiltProblem, process_name: str, n: int = GRID_N, seed: int = 0) -> dict[str, Any]:
     """The K-step optimum of the solvers' own control class (the base's Gaussian steps with shifted means)
     by dynamic programming on a grid (benchmarks/grid_optimum.py; 2-D problems only): its J (soc_cost on
@@ -269,9 +276,12 @@ def run_case(problem: TiltProblem, solver: str, process_name: str, seed: int = 0
                   seed=seed, **train)
     train_s = time.perf_counter() - t0
     x = ft.sample(N_EVAL, seed=100 + seed)
-    j, j_se = soc_cost(process, model, reward, problem.lam, N_COST, torch.Generator().manual_seed(200 + seed),
-                       sample_shape=(problem.dim,))
+    costs = soc_costs(process, model, reward, problem.lam, N_COST, torch.Generator().manual_seed(200 + seed),
+                      sample_shape=(problem.dim,))
+    j, j_se = float(costs.mean()), float(costs.std()) / math.sqrt(N_COST)
     ref = reference if reference is not None else kstep_reference(problem, process_name)
+    # the exact-tilt control on the run's own rollout noise: J − J(tilt model) with a paired s.e.
+    paired = tilt_model_reference(problem, process_name, seed=200 + seed, against=costs)
     return {"problem": problem.name, "index": problem.index, "dim": problem.dim,
             "components": len(problem.base.weights), "K": K,
             "reward": problem.kind, "lam": problem.lam, "solver": solver, "process": process_name, "seed": seed,
@@ -280,7 +290,7 @@ def run_case(problem: TiltProblem, solver: str, process_name: str, seed: int = 0
             "train_config": dataclasses.asdict(ft.trainer.config),
             "exact_weights": problem.tilt.weights.tolist(), **fidelity(x, problem.tilt),
             "j": j, "j_se": j_se, **ref, "neg_log_z": -problem.log_normaliser(),
-            "gap": j - ref["j_opt"], "gap_se": math.hypot(j_se, ref["j_opt_se"])}
+            "gap": j - ref["j_opt"], "gap_se": math.hypot(j_se, ref["j_opt_se"]), "paired_tilt_model": paired}
 
 
 def _fmt_weights(w: list[float]) -> str:
@@ -293,7 +303,8 @@ def summary_table(rows: list[dict[str, Any]], refs: dict[tuple[str, str, int], d
     error, median SW excess over its bound, median cost gap J − J*_K (± the median s.e.), the largest
     gap, the median weight error of the K-step tilted path measure's terminal law (a lower estimate of the
     discretisation's share), how many problems' untrained base chains already met the bounds, given
-    the tilt-model references the median J − J(exact-tilt control) (< 0: the run found a cheaper control)
+    the tilt-model references (a row's own paired one first) the median J − J(exact-tilt control) (< 0: the
+    run found a cheaper control)
     and, given the grid-DP references (:func:`load_dp_refs`), on the 2-D problems: how many runs are within
     the bounds, how many K-step optima are (what no solver of the chain can beat) and the median
     J − J(K-step optimum)."""
@@ -357,7 +368,8 @@ def _vs_dp(rows: list[dict[str, Any]], dps: dict[tuple[str, str, int], dict[str,
 
 
 def _median_vs_tilt_model(rows: list[dict[str, Any]], refs: dict[tuple[str, str, int], dict[str, Any]] | None) -> str:
-    d = [r["j"] - ref["tilt_model_j"] for r in rows if (ref := _tilt_model_of(r, refs)) is not None]
+    d = [r["paired_tilt_model"]["tilt_model_dj"] if "paired_tilt_model" in r else r["j"] - ref["tilt_model_j"]
+         for r in rows if "paired_tilt_model" in r or (ref := _tilt_model_of(r, refs)) is not None]
     return f"{statistics.median(d):+.3f} ({len(d)})" if d else "–"
 
 
@@ -385,8 +397,9 @@ def diagnosis(row: dict[str, Any], ref: dict[str, Any] | None, dp: dict[str, Any
     * ``optimisation``: it meets them at a J more than 2 s.e. below the run's;
     * ``flat cost``: it meets them at a J within 2 s.e. of the run's.
 
-    Otherwise (8-D) from the :func:`tilt_model_reference` of its (problem, process, K), a control of the chain
-    but not its optimum:
+    Otherwise (8-D) from a :func:`tilt_model_reference` of its (problem, process, K), a control of the chain
+    but not its optimum — the row's own (``paired_tilt_model``: J on the run's rollout noise, so J − J(tilt
+    model) carries a paired s.e.) where the row has one, else ``--tilt-model``'s (unpaired s.e.):
 
     * ``discretisation``: the exact-tilt control itself misses the bounds on this K-step chain;
     * ``optimisation``: it meets them at a J clearly (> 2 s.e.) below the run's — the run's solver stopped
@@ -403,15 +416,19 @@ def diagnosis(row: dict[str, Any], ref: dict[str, Any] | None, dp: dict[str, Any
         kind = "optimisation" if dj > 2 * se else "flat cost"
         return (f"{kind}: the K-step optimum (grid DP) meets the bounds at J {dp['dp_j']:.3f}, {dj:+.3f} ± {se:.3f} "
                 "from the run's")
+    paired = row.get("paired_tilt_model")  # on the run's own rollout noise (rows before it lack it)
+    ref = paired or ref
     if ref is None:
         return "no tilt-model reference (run --tilt-model)"
     if not ref["tilt_model_within"]:
         return f"discretisation: the exact-tilt control (cut t < {ref['tilt_model_cut']:g}) misses the bounds too"
-    dj = row["j"] - ref["tilt_model_j"]
-    se = math.hypot(row["j_se"], ref["tilt_model_j_se"])
+    if paired:
+        dj, se, how = paired["tilt_model_dj"], paired["tilt_model_dj_se"], "paired s.e., the run's rollout noise"
+    else:
+        dj, se, how = row["j"] - ref["tilt_model_j"], math.hypot(row["j_se"], ref["tilt_model_j_se"]), "unpaired s.e."
     kind = "optimisation" if dj > 2 * se else "flat cost"
     return (f"{kind}: the exact-tilt control (cut t < {ref['tilt_model_cut']:g}) meets the bounds at J "
-            f"{ref['tilt_model_j']:.3f}, {dj:+.3f} ± {se:.3f} from the run's")
+            f"{ref['tilt_model_j']:.3f}, {dj:+.3f} ± {se:.3f} from the run's ({how})")
 
 
 def out_of_bounds(rows: list[dict[str, Any]], refs: dict[tuple[str, str, int], dict[str, Any]] | None = None,

@@ -8,7 +8,8 @@ means, so each stochastic step carries the control (in units of the step's noise
 whose KL cost is ½‖u_k‖². For a continuous SDE dX = (b + σu)dt + σdW discretised by
 Euler–Maruyama, u_k = √Δt_k·u(x_k, t_k), so u_k/√Δt_k is the control in the SDE's units.
 
-* :func:`soc_cost`: J = E[Σ_k ½‖u_k‖² + Σ_k Δt_k f(x_k, t_k) − λ r(x_K)] on the model's own rollouts;
+* :func:`soc_cost`: J = E[Σ_k ½‖u_k‖² + Σ_k Δt_k f(x_k, t_k) − λ r(x_K)] on the model's own rollouts
+  (:func:`soc_costs`: each rollout's cost, to compare two models on the same noise);
 * :func:`soc_lower_bound`: J*_K = −log E_base[exp(λ r(x_K) − Σ_k Δt_k f(x_k, t_k))], the least J any
   control of this K-step chain reaches (Donsker–Varadhan), by Monte Carlo over base rollouts;
 * :func:`path_costs` / :func:`cost_summary`: the same from rollouts a caller already drew (``soctune
@@ -228,6 +229,23 @@ def cost_summary(costs: Tensor, base_costs: Tensor, step_costs: StepCosts | None
 
 
 @torch.no_grad()
+def soc_costs(process: Process, model: Denoiser, reward: RewardFn, reward_scale: float, n: int,
+              generator: torch.Generator, *, sample_shape: tuple[int, ...], cond: Any = None) -> Tensor:
+    """The path cost Σ_k ½‖u_k‖² + Σ_k Δt_k f(x_k, t_k) − λ r(x_K) of each of n rollouts of ``model``, [n]
+    float64 (:func:`soc_cost` is their mean).
+
+    Two models rolled out from generators with the same seed draw the same prior and step noise, so the
+    difference of their costs, rollout by rollout, gives J_a − J_b with a PAIRED standard error
+    sd(c_a − c_b)/√n — far below either J's own when the controls are close (common random numbers).
+    Args as :func:`soc_cost`."""
+    _check(n, reward_scale)
+    totals = []
+    for b in _chunks(n):
+        traj = rollout(process, model, batch_size=b, sample_shape=sample_shape, cond=cond, generator=generator)
+        totals.append(path_costs(process, model, traj, _reward(reward, traj.xs[-1], cond), reward_scale))
+    return torch.cat(totals)
+
+
 def soc_cost(process: Process, model: Denoiser, reward: RewardFn, reward_scale: float, n: int,
              generator: torch.Generator, *, sample_shape: tuple[int, ...], cond: Any = None) -> tuple[float, float]:
     """J = E[Σ_k ½‖u_k‖² + Σ_k Δt_k f(x_k, t_k) − λ r(x_K)] over n rollouts of ``model``, and its standard error.
@@ -240,12 +258,8 @@ def soc_cost(process: Process, model: Denoiser, reward: RewardFn, reward_scale: 
     Returns:
         (J, s.e. of J) in nats.
     """
-    _check(n, reward_scale)
-    totals = []
-    for b in _chunks(n):
-        traj = rollout(process, model, batch_size=b, sample_shape=sample_shape, cond=cond, generator=generator)
-        totals.append(path_costs(process, model, traj, _reward(reward, traj.xs[-1], cond), reward_scale))
-    return _mean_se(torch.cat(totals))
+    return _mean_se(soc_costs(process, model, reward, reward_scale, n, generator, sample_shape=sample_shape,
+                              cond=cond))
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from soctune.models.gmm import GaussianMixtureDenoiser, two_mode_mixture
 from soctune.models.gmm_problems import COMPONENTS, DIMS, KINDS, LAMBDAS, TiltProblem, random_tilt_problem
 from soctune.registry import SoctuneError
 from soctune.sde import get_process
-from soctune.soc import soc_cost, soc_lower_bound, step_controls
+from soctune.soc import soc_cost, soc_costs, soc_lower_bound, step_controls
 from soctune.trajectory import rollout
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # after the installed packages: no shadowing
@@ -188,6 +188,13 @@ def test_benchmark_table_and_pair_selection() -> None:
     assert "— optimisation" in ground_truth.out_of_bounds([row, good], refs)
     assert ground_truth.diagnosis_counts([row, good], refs) == {"optimisation": 1}
     assert ground_truth.summary_table([row, good], refs).rstrip().endswith("| +0.200 (1) | – | – |")
+    # a row's own tilt-model reference, on its rollout noise, wins: +0.010 ± 0.002 paired is an optimisation
+    # shortfall where the same difference unpaired (± 0.014) is within the noise
+    paired = dict(ref, tilt_model_j=0.09, tilt_model_dj=0.01, tilt_model_dj_se=0.002)
+    assert ground_truth.diagnosis(row, dict(ref, tilt_model_j=0.09)).startswith("flat cost")
+    assert ground_truth.diagnosis(dict(row, paired_tilt_model=paired), dict(ref, tilt_model_j=0.09)).startswith(
+        "optimisation")
+    assert "+0.010 ± 0.002 from the run's (paired s.e." in ground_truth.diagnosis(dict(row, paired_tilt_model=paired), None)
     # a reference holds for its own K: a run with another step count is a line of its own, without it
     table = ground_truth.summary_table([row, good, dict(row, K=50)], refs)
     assert "| nabla-db | ddpm | 50 | – | 1 | 0/1 (0%) |" in table and table.rstrip().endswith("| – | – | – |")
@@ -271,3 +278,10 @@ def test_tilt_model_is_an_achievable_control_at_the_tilt() -> None:
     print(ref, j_opt, j_opt_se)
     assert ref["tilt_model_within"] and ref["tilt_model_cut"] in ground_truth.TILT_MODEL_CUTS
     assert ref["tilt_model_j"] > j_opt - 3 * math.hypot(ref["tilt_model_j_se"], j_opt_se)
+    # against a run's own costs on the same seed the difference is paired: the best cut's own costs give 0 ± 0
+    best = ground_truth.TiltModel(p, "fm-memoryless", process, cut=ref["tilt_model_cut"])
+    costs = soc_costs(process, best, p.reward(), p.lam, ground_truth.N_COST, torch.Generator().manual_seed(11),
+                      sample_shape=(p.dim,))
+    paired = ground_truth.tilt_model_reference(p, "fm-memoryless", against=costs)
+    assert paired["tilt_model_dj"] == 0.0 and paired["tilt_model_dj_se"] == 0.0
+    assert paired["tilt_model_j"] == ref["tilt_model_j"] == float(costs.mean())

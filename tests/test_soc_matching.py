@@ -21,7 +21,7 @@ from soctune.models.informed_control import InformedControl
 from soctune.problems import PROBLEMS, DoubleWell, LinearOU, QuadraticOU, get_problem
 from soctune.registry import SoctuneError
 from soctune.sde import get_process
-from soctune.soc import ControlFunctionModel, control_l2_error, soc_cost, soc_lower_bound
+from soctune.soc import ControlFunctionModel, control_l2_error, soc_cost, soc_costs, soc_lower_bound
 from soctune.trajectory import rollout
 from user_linear_soc import LinearSOCProcess, QuadraticTarget, optimal_control_continuous
 
@@ -64,6 +64,26 @@ def test_scaled_control_has_the_exact_relative_error() -> None:
     half = ControlFunctionModel(lambda x, t: 0.5 * proc.optimal_control(x, t))
     err = control_l2_error(proc, half, proc.optimal_control, 256, gen(0), sample_shape=(proc.dim,))
     assert err.relative == pytest.approx(0.25, rel=1e-6) and err.relative_rms == pytest.approx(0.5, rel=1e-6)
+
+
+def test_common_random_numbers_resolve_a_small_cost_difference() -> None:
+    """soc_costs of two models on the same seed, rollout by rollout: J(c·u*) − J(u*) > 0 (u* is optimal;
+    on the continuous problem the excess is ½(1 − c)²∫‖u*‖²dt) is resolved by the PAIRED standard error,
+    while either J's own s.e. (≈ 0.056 here) exceeds the difference at c = 0.95 (≈ 0.01): unpaired, on
+    different seeds, its estimate comes out with the wrong sign (seed 2: −0.008)."""
+    proc = LinearOU()
+    opt = ControlFunctionModel(proc.optimal_control)
+    c_opt = soc_costs(proc, opt, proc.reward, 1.0, 2048, gen(1), sample_shape=(proc.dim,))
+    assert c_opt.shape == (2048,) and c_opt.dtype == torch.float64
+    j, j_se = soc_cost(proc, opt, proc.reward, 1.0, 2048, gen(1), sample_shape=(proc.dim,))
+    assert float(c_opt.mean()) == j
+    diffs = {}
+    for c in (0.95, 0.9):
+        scaled = ControlFunctionModel(lambda x, t, c=c: c * proc.optimal_control(x, t))
+        d = soc_costs(proc, scaled, proc.reward, 1.0, 2048, gen(1), sample_shape=(proc.dim,)) - c_opt
+        diffs[c] = float(d.mean())
+        assert diffs[c] > 10 * float(d.std()) / math.sqrt(d.numel()), (c, d.mean(), d.std())
+    assert j_se > diffs[0.95] > 0 and diffs[0.9] > 3 * diffs[0.95]  # quadratic in 1 − c
 
 
 def test_control_error_breakdown_locates_the_error() -> None:
