@@ -3,6 +3,7 @@ the per-run metrics. Run everything with ``python benchmarks/run_all.py`` (see R
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 sys.path.insert(0, str(ROOT.parent))
 
+from soctune.config import parse_set  # noqa: E402
 from soctune.evaluation import gmm_tilt_fidelity  # noqa: E402
 from soctune.metrics import (diversity, feature_frechet_distance, mean_and_stderr,  # noqa: E402
                              rejection_sample_tilt, target_fidelity)
@@ -292,3 +294,19 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def add_option_argument(ap: argparse.ArgumentParser, example: str) -> None:
+    """``--option KEY=VALUE`` (repeatable): a solver option for a study, beside the library's defaults."""
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help=f"a solver option beside the defaults, e.g. {example} (repeatable; a study)")
+
+
+def parse_options(ap: argparse.ArgumentParser, items: list[str]) -> dict[str, Any]:
+    """The ``--option`` items as solver options, values parsed as the CLI's ``--set`` parses them (YAML)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            ap.error(f"--option takes KEY=VALUE, got '{item}'")
+        options.update(parse_set(f"solver.{item}")["solver"])
+    return options

@@ -4,6 +4,7 @@
     python benchmarks/ground_truth.py --problems 5 --pairs adjoint-matching:fm-memoryless nabla-db:ddpm
     python benchmarks/ground_truth.py --problem-ids 0 3 --iters 20 --batch-size 32 --out /tmp/gt.jsonl   # smoke test
     python benchmarks/ground_truth.py --tilt-model                     # the exact-tilt control per problem (~10 min)
+    python benchmarks/ground_truth.py --problem-ids 9 --option estimator=score --out /tmp/gt.jsonl   # a study
 
 Problems: soctune.models.gmm_problems.random_tilt_problem(i) for i in the list (seeded: 2–5 components,
 unequal weights and full covariances, D ∈ {2, 8}, linear or quadratic reward, λ ∈ {0.5, 1, 2}). Each
@@ -11,7 +12,8 @@ unequal weights and full covariances, D ∈ {2, 8}, linear or quadratic reward, 
 (GaussianMixtureDenoiser) with a from-scratch ControlGainDenoiser correction, with the LIBRARY DEFAULTS:
 no solver option but ``reward_scale=λ``, plus the budget knobs of tests/test_solver_ground_truth.py
 (3×256 net, 300 iterations, batch 256; nabla-db: transitions 0.5 — how many transitions of each
-rollout enter its loss is a budget).
+rollout enter its loss is a budget). A study changes one thing and writes elsewhere (``--out``): the step
+count (``--num-steps``), the lr or its schedule, a solver option (``--option``).
 
 Per run (one JSON row in results/ground_truth.jsonl):
 * fidelity to the closed-form tilt on N_EVAL samples: component weights by nearest component (max error
@@ -62,6 +64,7 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
+from common import add_option_argument, parse_options  # noqa: E402
 from grid_optimum import GridPolicy, solve_grid  # noqa: E402
 from soctune import finetune  # noqa: E402
 from soctune.metrics import sliced_wasserstein  # noqa: E402
@@ -258,17 +261,18 @@ def correction_model(problem: TiltProblem, process_name: str, process: Any, hidd
 
 
 def run_case(problem: TiltProblem, solver: str, process_name: str, seed: int = 0, budget: dict[str, Any] | None = None,
-             reference: dict[str, Any] | None = None) -> dict[str, Any]:
+             reference: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune ``solver`` on ``process_name`` for one problem with the library defaults and ``budget``
     (keys of :data:`BUDGET`, missing ones from it, and for a study ``lr`` / ``lr_schedule``), then report
     fidelity, J, J*_K and the gap (one row).
-    ``reference``: a :func:`kstep_reference` of the same (problem, process) to reuse."""
+    ``reference``: a :func:`kstep_reference` of the same (problem, process) to reuse. ``options``: solver
+    options for a study (``--option``), over the defaults."""
     b = {**BUDGET, **(budget or {})}
     process = make_process(process_name)
     reward = problem.reward()
     torch.manual_seed(seed)
     model = correction_model(problem, process_name, process, b["hidden"], b["depth"])
-    options = {"reward_scale": problem.lam, **SOLVER_BUDGET.get(solver, {})}
+    options = {"reward_scale": problem.lam, **SOLVER_BUDGET.get(solver, {}), **(options or {})}
     t0 = time.perf_counter()
     # lr and its schedule only when a caller gives them (a study): else the model's training defaults
     train = {k: b[k] for k in ("iters", "batch_size", "lr", "lr_schedule") if k in b}
@@ -482,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-steps", type=int, default=K, help="K, the chain's steps (a sampling budget)")
     ap.add_argument("--lr", type=float, help="a study: this lr instead of the model's default")
     ap.add_argument("--lr-schedule", choices=("constant", "cosine"), help="a study: this schedule instead of the model's default")
+    add_option_argument(ap, "estimator=score")
     ref_mode = ap.add_mutually_exclusive_group()
     ref_mode.add_argument("--tilt-model", action="store_true",
                           help="only the exact-tilt control's reference per (problem, process) of the pairs at "
@@ -525,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{ref['dp_sw']:.3f} (bound {ref['dp_sw_bound']:.3f}), "
                       f"{'within' if ref['dp_within'] else 'OUT'}; solved in {ref['dp_solve_s']:.0f} s", flush=True)
         return 0
+    options = parse_options(ap, args.option)
     budget = {"iters": args.iters, "batch_size": args.batch_size,
               **{k: v for k, v in (("lr", args.lr), ("lr_schedule", args.lr_schedule)) if v is not None}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -538,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
             if process not in refs:
                 refs[process] = kstep_reference(problem, process, n=args.n_bound)
             for seed in args.seeds:
-                row = run_case(problem, solver, process, seed=seed, budget=budget, reference=refs[process])
+                row = run_case(problem, solver, process, seed=seed, budget=budget, reference=refs[process],
+                               options=options)
                 rows.append(row)
                 with args.out.open("a") as f:
                     f.write(json.dumps(row) + "\n")

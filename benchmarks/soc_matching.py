@@ -37,8 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
+from common import add_option_argument, parse_options  # noqa: E402
 from soctune import finetune  # noqa: E402
-from soctune.config import parse_set  # noqa: E402
 from soctune.models.base import CorrectedDenoiser, Denoiser, ZeroDenoiser  # noqa: E402
 from soctune.models.informed_control import InformedControl  # noqa: E402
 from soctune.problems import PROBLEMS, SOCProblemProcess, get_problem  # noqa: E402
@@ -136,17 +136,12 @@ def main() -> None:
                     help="learning rate (default: the model's train_defaults, else the library's TrainConfig.lr)")
     ap.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
                     help="learning-rate schedule (default: the model's train_defaults, else the library's)")
-    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                    help="an adjoint-matching option beside reward_scale, e.g. bootstrap=0.5 (repeatable)")
+    add_option_argument(ap, "bootstrap=0.5")
     ap.add_argument("--n-eval", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--table", action="store_true", help="print the Markdown rows for RESULTS.md")
     args = ap.parse_args()
-    options: dict[str, Any] = {}
-    for item in args.option:  # the CLI's --set parser (YAML values), under the solver section
-        if "=" not in item:
-            ap.error(f"--option takes KEY=VALUE, got '{item}'")
-        options.update(parse_set(f"solver.{item}")["solver"])
+    options = parse_options(ap, args.option)
     rows = []
     for name in args.problems:
         iters, batch = BUDGET[name]

@@ -9,6 +9,7 @@ reference against the dynamic-programming optimum of tests/discrete_optimum.py.
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from soctune.soc import soc_cost, soc_costs, soc_lower_bound, step_controls
 from soctune.trajectory import rollout
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # after the installed packages: no shadowing
+import common  # noqa: E402
 import ground_truth  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -201,6 +203,11 @@ def test_benchmark_table_and_pair_selection() -> None:
     assert ground_truth.diagnosis_counts([dict(row, K=50)], refs) == {"no tilt-model reference (run --tilt-model)": 1}
     with pytest.raises(SoctuneError, match="SOLVER:PROCESS"):
         ground_truth.parse_pair("draft:ddpm")
+    # a study's solver options, parsed as the CLI's --set parses values; a malformed one is a usage error
+    ap = argparse.ArgumentParser()
+    assert common.parse_options(ap, ["estimator=score", "bootstrap=0.5"]) == {"estimator": "score", "bootstrap": 0.5}
+    with pytest.raises(SystemExit):
+        ground_truth.main(["--option", "bootstrap"])
 
 
 def test_kstep_reference_against_dynamic_programming() -> None:
