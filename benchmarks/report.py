@@ -398,7 +398,9 @@ def ground_truth_section(rows: list[dict[str, Any]]) -> list[str]:
              "the miss is the K-step chain's); each run outside the bounds is classified against the K-step "
              "optimum where the DP has one (2-D), else against the tilt model — *optimisation* (the reference meets the bounds at a J more than 2 s.e. "
              "below the run's), *flat cost* (within 2 s.e.: the objective does not pin the weights at this "
-             "precision), *discretisation* (the reference misses too). Counts: "
+             "precision), *beats the reference* (the run's J is more than 2 s.e. below the exact-tilt control's: no "
+             "shortfall against it, and in 8-D no DP says whether the chain's optimum meets the bounds), "
+             "*discretisation* (the reference misses too). Counts: "
              + (", ".join(f"{k} {v}" for k, v in diagnosis_counts(rows, refs, dps).items()) or "none") + ".", "",
              "Runs outside the bounds:", "", out_of_bounds(rows, refs, dps), ""]
     return lines

@@ -185,6 +185,7 @@ def test_benchmark_table_and_pair_selection() -> None:
     ref = {"tilt_model_j": -0.1, "tilt_model_j_se": 0.01, "tilt_model_cut": 0.9, "tilt_model_within": True}
     assert ground_truth.diagnosis(row, ref).startswith("optimisation")
     assert ground_truth.diagnosis(row, dict(ref, tilt_model_j=0.09)).startswith("flat cost")
+    assert ground_truth.diagnosis(row, dict(ref, tilt_model_j=0.2)).startswith("beats the reference")
     assert ground_truth.diagnosis(row, dict(ref, tilt_model_within=False)).startswith("discretisation")
     refs = {("p00", "ddpm", 25): ref}
     assert "— optimisation" in ground_truth.out_of_bounds([row, good], refs)
