@@ -312,6 +312,7 @@ def test_auto_options_follow_the_model_and_the_state_size() -> None:
 
     am = AdjointMatching()
     assert am.estimator_for((2,)) == "score" and am.estimator_for((1, 8, 8)) == "pathwise"
+    assert am.estimator_for((8,)) == "score" and am.estimator_for((10,)) == "pathwise"  # 8-D mixtures / SOC problems
     assert AdjointMatching(bootstrap=0.2).estimator_for((2,)) == "pathwise"
     assert AdjointMatching(estimator="pathwise").estimator_for((2,)) == "pathwise"
     process = get_process("fm-memoryless", num_steps=6)
