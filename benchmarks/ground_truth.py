@@ -74,7 +74,7 @@ from soctune.models.base import SwitchableDenoiser  # noqa: E402
 from soctune.models.gmm_problems import TiltProblem, random_tilt_problem  # noqa: E402
 from soctune.registry import SoctuneError  # noqa: E402
 from soctune.sde import get_process  # noqa: E402
-from soctune.soc import soc_cost, soc_costs, soc_lower_bound  # noqa: E402
+from soctune.soc import soc_costs, soc_lower_bound  # noqa: E402
 from soctune.trajectory import rollout  # noqa: E402
 
 RESULTS = ROOT / "results"
@@ -225,13 +225,17 @@ def tilt_model_reference(problem: TiltProblem, process_name: str, cuts: tuple[fl
     return best
 
 
-def grid_reference(problem: TiltProblem, process_name: str, n: int = GRID_N, seed: int = 0) -> dict[str, Any]:
+def grid_reference(problem: TiltProblem, process_name: str, n: int = GRID_N, seed: int = 0,
+                   against: Tensor | None = None) -> dict[str, Any]:
     """The K-step optimum of the solvers' own control class (the base's Gaussian steps with shifted means)
     by dynamic programming on a grid (benchmarks/grid_optimum.py; 2-D problems only): its J (soc_cost on
     N_COST rollouts drawn from the same generator seed as a run's J with ``seed``, so the difference
     carries little noise), E[V_0] by the DP's own value, and its samples' fidelity (N_EVAL) to the
     closed-form tilt. No solver of the K-step problem can do better by J; when its samples miss the bounds
-    the miss is the chain's (discretisation), not the solver's."""
+    the miss is the chain's (discretisation), not the solver's.
+
+    ``against``: that run's own path costs [N_COST]; then also J(run) − J(optimum) with its paired s.e.
+    (``dp_dj``, ``dp_dj_se``)."""
     if problem.dim != 2:
         raise SoctuneError(f"the grid DP solves 2-D problems; {problem.name} has D = {problem.dim}")
     if PROCESS_SPECS[process_name][1].get("order", 1) != 1:
@@ -243,15 +247,20 @@ def grid_reference(problem: TiltProblem, process_name: str, n: int = GRID_N, see
     optimum = solve_grid(process, base, lambda x: -problem.lam * reward(x, None).double(), n=n)
     solve_s = time.perf_counter() - t0
     policy = GridPolicy(base, process, optimum)
-    j, j_se = soc_cost(process, policy, reward, problem.lam, N_COST, torch.Generator().manual_seed(200 + seed),
-                       sample_shape=(problem.dim,))
+    costs = soc_costs(process, policy, reward, problem.lam, N_COST, torch.Generator().manual_seed(200 + seed),
+                      sample_shape=(problem.dim,))
     x = rollout(process, policy, batch_size=N_EVAL, sample_shape=(problem.dim,),
                 generator=torch.Generator().manual_seed(100 + seed)).x_final
     fid = fidelity(x, problem.tilt)
     x0 = process.prior((1 << 16, problem.dim), generator=torch.Generator().manual_seed(seed + 3), dtype=torch.float64)
-    return {"K": K, "grid_n": n, "dp_solve_s": solve_s, "dp_j": j, "dp_j_se": j_se,
-            "dp_value": optimum.expected_cost(x0), "dp_weights": fid["weights"], "dp_weight_err": fid["weight_err"],
-            "dp_sw": fid["sw"], "dp_sw_bound": fid["sw_bound"], "dp_within": fid["within"]}
+    out = {"K": K, "grid_n": n, "dp_solve_s": solve_s, "dp_j": float(costs.mean()),
+           "dp_j_se": float(costs.std()) / math.sqrt(N_COST), "dp_value": optimum.expected_cost(x0),
+           "dp_weights": fid["weights"], "dp_weight_err": fid["weight_err"], "dp_sw": fid["sw"],
+           "dp_sw_bound": fid["sw_bound"], "dp_within": fid["within"]}
+    if against is not None:
+        d = against - costs
+        out |= {"dp_dj": float(d.mean()), "dp_dj_se": float(d.std()) / math.sqrt(N_COST)}
+    return out
 
 
 def correction_model(problem: TiltProblem, process_name: str, process: Any, hidden: int,
@@ -286,6 +295,9 @@ def run_case(problem: TiltProblem, solver: str, process_name: str, seed: int = 0
     ref = reference if reference is not None else kstep_reference(problem, process_name)
     # the exact-tilt control on the run's own rollout noise: J − J(tilt model) with a paired s.e.
     paired = tilt_model_reference(problem, process_name, seed=200 + seed, against=costs)
+    # on 2-D Markov chains the K-step optimum itself (grid DP, 25–110 s), on the same noise
+    paired_dp = (grid_reference(problem, process_name, seed=seed, against=costs)
+                 if problem.dim == 2 and PROCESS_SPECS[process_name][1].get("order", 1) == 1 else None)
     return {"problem": problem.name, "index": problem.index, "dim": problem.dim,
             "components": len(problem.base.weights), "K": K,
             "reward": problem.kind, "lam": problem.lam, "solver": solver, "process": process_name, "seed": seed,
@@ -294,7 +306,8 @@ def run_case(problem: TiltProblem, solver: str, process_name: str, seed: int = 0
             "train_config": dataclasses.asdict(ft.trainer.config),
             "exact_weights": problem.tilt.weights.tolist(), **fidelity(x, problem.tilt),
             "j": j, "j_se": j_se, **ref, "neg_log_z": -problem.log_normaliser(),
-            "gap": j - ref["j_opt"], "gap_se": math.hypot(j_se, ref["j_opt_se"]), "paired_tilt_model": paired}
+            "gap": j - ref["j_opt"], "gap_se": math.hypot(j_se, ref["j_opt_se"]), "paired_tilt_model": paired,
+            **({"paired_dp": paired_dp} if paired_dp else {})}
 
 
 def _fmt_weights(w: list[float]) -> str:
@@ -353,7 +366,8 @@ def _ref_key(row: dict[str, Any]) -> tuple[str, str, int]:
 
 
 def _dp_of(row: dict[str, Any], dps: dict[tuple[str, str, int], dict[str, Any]] | None) -> dict[str, Any] | None:
-    return (dps or {}).get(_ref_key(row))
+    """The row's own grid-DP reference (``paired_dp``, on its rollout noise), else ``--dp``'s of its key."""
+    return row.get("paired_dp") or (dps or {}).get(_ref_key(row))
 
 
 def _tilt_model_of(row: dict[str, Any], refs: dict[tuple[str, str, int], dict[str, Any]] | None) -> dict[str, Any] | None:
@@ -414,16 +428,19 @@ def diagnosis(row: dict[str, Any], ref: dict[str, Any] | None, dp: dict[str, Any
       better control of this chain, so the miss is no optimisation shortfall against this reference; whether
       the chain's own optimum meets the bounds is open (no grid DP in 8-D; in 2-D at λ = 2 it misses them
       on ddpm and dpmpp-sde at K = 25)."""
+    dp = row.get("paired_dp") or dp  # the row's own, on its rollout noise (rows before it lack it)
     if dp is not None:
-        dj = row["j"] - dp["dp_j"]
-        se = math.hypot(row["j_se"], dp["dp_j_se"])
+        if "dp_dj" in dp:
+            dj, se, how = dp["dp_dj"], dp["dp_dj_se"], "paired s.e."
+        else:
+            dj, se, how = row["j"] - dp["dp_j"], math.hypot(row["j_se"], dp["dp_j_se"]), "unpaired s.e."
         if not dp["dp_within"]:
             return (f"discretisation: the K-step optimum (grid DP) misses the bounds too, weights "
                     f"{_fmt_weights(dp['dp_weights'])} (err {dp['dp_weight_err']:.3f}), SW {dp['dp_sw']:.3f}; "
-                    f"its J {dp['dp_j']:.3f} is {dj:+.3f} ± {se:.3f} from the run's")
+                    f"its J {dp['dp_j']:.3f} is {dj:+.3f} ± {se:.3f} from the run's ({how})")
         kind = "optimisation" if dj > 2 * se else "flat cost"
         return (f"{kind}: the K-step optimum (grid DP) meets the bounds at J {dp['dp_j']:.3f}, {dj:+.3f} ± {se:.3f} "
-                "from the run's")
+                f"from the run's ({how})")
     paired = row.get("paired_tilt_model")  # on the run's own rollout noise (rows before it lack it)
     ref = paired or ref
     if ref is None:

@@ -198,6 +198,12 @@ def test_benchmark_table_and_pair_selection() -> None:
     assert ground_truth.diagnosis(dict(row, paired_tilt_model=paired), dict(ref, tilt_model_j=0.09)).startswith(
         "optimisation")
     assert "+0.010 ± 0.002 from the run's (paired s.e." in ground_truth.diagnosis(dict(row, paired_tilt_model=paired), None)
+    # likewise its own K-step optimum (2-D): paired, it wins over the --dp file's
+    dp = {"dp_j": 0.09, "dp_j_se": 0.01, "dp_within": True, "dp_weights": [0.4, 0.6], "dp_weight_err": 0.0, "dp_sw": 0.1}
+    assert ground_truth.diagnosis(row, None, dp).startswith("flat cost")
+    own = dict(row, paired_dp=dict(dp, dp_dj=0.01, dp_dj_se=0.002))
+    assert ground_truth.diagnosis(own, None, dp).startswith("optimisation")
+    assert ground_truth._dp_of(own, {("p00", "ddpm", 25): dp}) is own["paired_dp"]
     # a reference holds for its own K: a run with another step count is a line of its own, without it
     table = ground_truth.summary_table([row, good, dict(row, K=50)], refs)
     assert "| nabla-db | ddpm | 50 | – | 1 | 0/1 (0%) |" in table and table.rstrip().endswith("| – | – | – |")
