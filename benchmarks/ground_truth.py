@@ -67,7 +67,7 @@ sys.path.insert(0, str(ROOT.parent))
 from common import add_option_argument, parse_options  # noqa: E402
 from grid_optimum import GridPolicy, solve_grid  # noqa: E402
 from soctune import finetune  # noqa: E402
-from soctune.metrics import sliced_wasserstein  # noqa: E402
+from soctune.metrics import mean_and_stderr, sliced_wasserstein  # noqa: E402
 from soctune.models.control import ControlGainDenoiser  # noqa: E402
 from soctune.models.gmm import GaussianMixture, GaussianMixtureDenoiser, mixture_weights_by_nearest_mean  # noqa: E402
 from soctune.models.base import SwitchableDenoiser  # noqa: E402
@@ -211,17 +211,16 @@ def tilt_model_reference(problem: TiltProblem, process_name: str, cuts: tuple[fl
         model = TiltModel(problem, process_name, process, cut)
         costs = soc_costs(process, model, reward, problem.lam, N_COST, torch.Generator().manual_seed(seed),
                           sample_shape=(problem.dim,))
-        j = float(costs.mean())
+        j, j_se = mean_and_stderr(costs)
         if not best or j < best["tilt_model_j"]:
             x = rollout(process, model, batch_size=N_EVAL, sample_shape=(problem.dim,),
                         generator=torch.Generator().manual_seed(seed + 1)).x_final
             fid = fidelity(x, problem.tilt)
-            best = {"K": K, "tilt_model_j": j, "tilt_model_j_se": float(costs.std()) / math.sqrt(N_COST),
-                    "tilt_model_cut": cut, "tilt_model_weights": fid["weights"],
-                    "tilt_model_weight_err": fid["weight_err"], "tilt_model_within": fid["within"]}
+            best = {"K": K, "tilt_model_j": j, "tilt_model_j_se": j_se, "tilt_model_cut": cut,
+                    "tilt_model_weights": fid["weights"], "tilt_model_weight_err": fid["weight_err"],
+                    "tilt_model_within": fid["within"]}
             if against is not None:
-                d = against - costs
-                best |= {"tilt_model_dj": float(d.mean()), "tilt_model_dj_se": float(d.std()) / math.sqrt(N_COST)}
+                best["tilt_model_dj"], best["tilt_model_dj_se"] = mean_and_stderr(against - costs)
     return best
 
 
@@ -253,13 +252,12 @@ def grid_reference(problem: TiltProblem, process_name: str, n: int = GRID_N, see
                 generator=torch.Generator().manual_seed(100 + seed)).x_final
     fid = fidelity(x, problem.tilt)
     x0 = process.prior((1 << 16, problem.dim), generator=torch.Generator().manual_seed(seed + 3), dtype=torch.float64)
-    out = {"K": K, "grid_n": n, "dp_solve_s": solve_s, "dp_j": float(costs.mean()),
-           "dp_j_se": float(costs.std()) / math.sqrt(N_COST), "dp_value": optimum.expected_cost(x0),
-           "dp_weights": fid["weights"], "dp_weight_err": fid["weight_err"], "dp_sw": fid["sw"],
-           "dp_sw_bound": fid["sw_bound"], "dp_within": fid["within"]}
+    j, j_se = mean_and_stderr(costs)
+    out = {"K": K, "grid_n": n, "dp_solve_s": solve_s, "dp_j": j, "dp_j_se": j_se,
+           "dp_value": optimum.expected_cost(x0), "dp_weights": fid["weights"], "dp_weight_err": fid["weight_err"],
+           "dp_sw": fid["sw"], "dp_sw_bound": fid["sw_bound"], "dp_within": fid["within"]}
     if against is not None:
-        d = against - costs
-        out |= {"dp_dj": float(d.mean()), "dp_dj_se": float(d.std()) / math.sqrt(N_COST)}
+        out["dp_dj"], out["dp_dj_se"] = mean_and_stderr(against - costs)
     return out
 
 
@@ -291,7 +289,7 @@ def run_case(problem: TiltProblem, solver: str, process_name: str, seed: int = 0
     x = ft.sample(N_EVAL, seed=100 + seed)
     costs = soc_costs(process, model, reward, problem.lam, N_COST, torch.Generator().manual_seed(200 + seed),
                       sample_shape=(problem.dim,))
-    j, j_se = float(costs.mean()), float(costs.std()) / math.sqrt(N_COST)
+    j, j_se = mean_and_stderr(costs)
     ref = reference if reference is not None else kstep_reference(problem, process_name)
     # the exact-tilt control on the run's own rollout noise: J − J(tilt model) with a paired s.e.
     paired = tilt_model_reference(problem, process_name, seed=200 + seed, against=costs)
