@@ -224,6 +224,7 @@ def tilt_model_reference(problem: TiltProblem, process_name: str, cuts: tuple[fl
     return best
 
 
+@torch.no_grad()
 def grid_reference(problem: TiltProblem, process_name: str, n: int = GRID_N, seed: int = 0,
                    against: Tensor | None = None) -> dict[str, Any]:
     """The K-step optimum of the solvers' own control class (the base's Gaussian steps with shifted means)
