@@ -370,7 +370,8 @@ def _dp_of(row: dict[str, Any], dps: dict[tuple[str, str, int], dict[str, Any]] 
 
 
 def _tilt_model_of(row: dict[str, Any], refs: dict[tuple[str, str, int], dict[str, Any]] | None) -> dict[str, Any] | None:
-    return (refs or {}).get(_ref_key(row))
+    """The row's own tilt-model reference (``paired_tilt_model``), else ``--tilt-model``'s of its key."""
+    return row.get("paired_tilt_model") or (refs or {}).get(_ref_key(row))
 
 
 def _vs_dp(rows: list[dict[str, Any]], dps: dict[tuple[str, str, int], dict[str, Any]] | None) -> str:
@@ -385,8 +386,8 @@ def _vs_dp(rows: list[dict[str, Any]], dps: dict[tuple[str, str, int], dict[str,
 
 
 def _median_vs_tilt_model(rows: list[dict[str, Any]], refs: dict[tuple[str, str, int], dict[str, Any]] | None) -> str:
-    d = [r["paired_tilt_model"]["tilt_model_dj"] if "paired_tilt_model" in r else r["j"] - ref["tilt_model_j"]
-         for r in rows if "paired_tilt_model" in r or (ref := _tilt_model_of(r, refs)) is not None]
+    d = [ref.get("tilt_model_dj", r["j"] - ref["tilt_model_j"]) for r in rows
+         if (ref := _tilt_model_of(r, refs)) is not None]
     return f"{statistics.median(d):+.3f} ({len(d)})" if d else "–"
 
 
@@ -440,14 +441,13 @@ def diagnosis(row: dict[str, Any], ref: dict[str, Any] | None, dp: dict[str, Any
         kind = "optimisation" if dj > 2 * se else "flat cost"
         return (f"{kind}: the K-step optimum (grid DP) meets the bounds at J {dp['dp_j']:.3f}, {dj:+.3f} ± {se:.3f} "
                 f"from the run's ({how})")
-    paired = row.get("paired_tilt_model")  # on the run's own rollout noise (rows before it lack it)
-    ref = paired or ref
+    ref = row.get("paired_tilt_model") or ref  # the row's own, on its rollout noise (rows before it lack it)
     if ref is None:
         return "no tilt-model reference (run --tilt-model)"
     if not ref["tilt_model_within"]:
         return f"discretisation: the exact-tilt control (cut t < {ref['tilt_model_cut']:g}) misses the bounds too"
-    if paired:
-        dj, se, how = paired["tilt_model_dj"], paired["tilt_model_dj_se"], "paired s.e., the run's rollout noise"
+    if "tilt_model_dj" in ref:
+        dj, se, how = ref["tilt_model_dj"], ref["tilt_model_dj_se"], "paired s.e., the run's rollout noise"
     else:
         dj, se, how = row["j"] - ref["tilt_model_j"], math.hypot(row["j_se"], ref["tilt_model_j_se"]), "unpaired s.e."
     kind = "optimisation" if dj > 2 * se else "beats the reference" if dj < -2 * se else "flat cost"
