@@ -41,7 +41,22 @@ and a regression on it sees too small a target (benchmarks/adjoint_tails.py). Th
 variance grows with Var(C) and with the dimension instead, so it suits low-dimensional,
 multimodal problems, not images: on the shipped 8×8 digits model it drives the reward down where
 the pathwise adjoint turns the model into a three-generator (``estimator="auto"`` picks by the state
-size, :meth:`AdjointMatching.estimator_for`). b = the leave-one-out batch mean of C_{k+1}.
+size, :meth:`AdjointMatching.estimator_for`).
+
+Two control variates, both exact (the target's conditional mean given x_k is unchanged). Measured
+per step on the ground-truth mixtures (benchmarks/score_baseline.py, numbers in benchmarks/NOTES.md),
+the plain target's second moment is tens to hundreds of times the squared control it estimates;
+most of that is not ξ_k's doing:
+* the cost-to-go (``cost_to_go="log-ratio"``): adding ⟨u_j, ξ_j⟩ for every later step (zero mean
+  given x_j, and ξ_j is independent of ξ_k) turns C_{k+1} into the path's own log dP^u/dP^base from
+  k+1 on, minus λr. Under the tilted path measure that is −log Z_{k+1}(x_{k+1}), a function of
+  x_{k+1} alone: the later steps' noise, which dominates the plain target at early steps, cancels
+  as the control approaches the optimum;
+* the baseline (``baseline="state"``): the best b is E[C_{k+1} | x_k], and a path's cost-to-go
+  varies far more with where x_k already is (which mode it is heading for) than with ξ_k.
+  :func:`state_baseline` estimates it by a kernel regression of the batch's other C_{k+1} on their
+  x_k, which matters most at mid and late steps.
+``cost_to_go="quadratic"`` and ``baseline="mean"`` (leave-one-out batch mean) give the plain target.
 
 The ``basic`` variant uses the full adjoint of the current control's cost instead,
 a_k = ∇_{x_k}[⟨m_θ(x_k), a_{k+1}⟩ + ½‖u_k(x_k)‖²] (fine-tuned mean map, running cost), which has
@@ -76,6 +91,67 @@ class AdjointPass:
     adjoints: Tensor
     base_means: Tensor
     reward: Tensor
+
+
+#: kernel bandwidths tried by :func:`state_baseline`, in units of the batch's per-coordinate spread
+BASELINE_BANDWIDTHS: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
+
+
+def loo_mean(c: Tensor) -> Tensor:
+    """Leave-one-out batch mean: c [B] -> [B], entry i the mean of the others (0 for B = 1)."""
+    b = c.shape[0]
+    return (c.sum() - c) / (b - 1) if b > 1 else torch.zeros_like(c)
+
+
+def _kernel_regression(zq: Tensor, iq: Tensor, zr: Tensor, ir: Tensor, cr: Tensor, h: float,
+                       chunk: int = 4096) -> Tensor:
+    """Nadaraya–Watson means of cr [R] at the queries zq [Q, D] from the references zr [R, D],
+    leaving out a query's own sample (iq [Q], ir [R]: sample indices) -> [Q]; h = ∞: their plain mean."""
+    out = []
+    for q0 in range(0, zq.shape[0], chunk):
+        zc, ic = zq[q0:q0 + chunk], iq[q0:q0 + chunk]
+        own = ic[:, None] == ir[None, :]
+        if math.isinf(h):
+            w = (~own).double()
+        else:
+            d2 = torch.cdist(zc, zr).pow(2) / zr.shape[1]
+            # each row's nearest other sample at weight 1: the kernel cannot underflow to all zeros
+            d2 = d2 - d2.masked_fill(own, math.inf).min(1, keepdim=True).values
+            w = torch.exp(-d2 / (2 * h * h)).masked_fill(own, 0.0)
+        out.append((w @ cr) / w.sum(1).clamp_min(1e-300))
+    return torch.cat(out)
+
+
+def state_baseline(x: Tensor, c: Tensor, bandwidths: tuple[float, ...] = BASELINE_BANDWIDTHS,
+                   max_reference: int = 1024) -> Tensor:
+    """A baseline for sample i's cost-to-go that depends on its state but not on its own noise:
+    x [B, *S] (the states x_k), c [B] (the costs C_{k+1}) -> b [B] float64,
+
+        b_i = Σ_{j≠i} w_ij c_j / Σ_{j≠i} w_ij,   w_ij = exp(−‖z_i − z_j‖² / (2 D h²)),
+
+    z the batch's states standardised per coordinate (D numbers each), a Nadaraya–Watson estimate of
+    E[C_{k+1} | x_k = x_i] from the other samples (at most ``max_reference`` of each half of the batch:
+    cost B·2·max_reference distances). h is picked among ``bandwidths`` and h = ∞ (the plain mean) by
+    leave-one-out error on the OTHER half of the batch — the even samples' h from the odd ones' costs
+    and vice versa — so no b_i reads c_i, directly or through the choice of h, and
+    E[(c_i − b_i) ξ_i | x_i] = E[c_i ξ_i | x_i] holds exactly. Batches under 8 take the leave-one-out mean."""
+    n = c.shape[0]
+    c = c.double()
+    if n < 8:
+        return loo_mean(c)
+    z = x.reshape(n, -1).double()
+    z = (z - z.mean(0)) / z.std(0).clamp_min(1e-12)
+    idx = torch.arange(n, device=c.device)
+    halves = (idx[0::2], idx[1::2])
+    refs = tuple(h[:max_reference] for h in halves)
+    ref = torch.cat(refs)
+    out = torch.empty_like(c)
+    for target, source in ((halves[0], refs[1]), (halves[1], refs[0])):
+        errors = {h: float((c[source] - _kernel_regression(z[source], source, z[source], source, c[source], h))
+                           .pow(2).mean()) for h in (*bandwidths, math.inf)}
+        best = min(errors, key=errors.__getitem__)
+        out[target] = _kernel_regression(z[target], target, z[ref], ref, c[ref], best)
+    return out
 
 
 @register_solver("adjoint-matching",
@@ -115,6 +191,14 @@ class AdjointMatching(Solver):
             (Stein's identity, see the module docstring: the regression target is
             −(C_{k+1} − b)ξ_k, whose conditional mean is the basic adjoint's; needs no reward
             gradient; ``variant``, ``bootstrap`` and ``reward_grad_clip`` do not apply).
+        baseline: the score target's b: ``"state"`` (default, :func:`state_baseline`: an estimate
+            of E[C_{k+1} | x_k] from the batch's other paths) or ``"mean"`` (the leave-one-out
+            batch mean). Both leave the target's conditional mean unchanged; ``"state"`` has far
+            less variance on multimodal problems (module docstring).
+        cost_to_go: the score target's C_{k+1}: ``"log-ratio"`` (default) Σ_{j>k} log dP^u/dP^base of
+            the path's later steps − λ r(x_K), i.e. Σ_{j>k} (½‖u_j‖² + ⟨u_j, ξ_j⟩) − λ r(x_K); or
+            ``"quadratic"``, Σ_{j>k} ½‖u_j‖² − λ r(x_K). Same conditional mean (module docstring);
+            the log-ratio cancels most of what the later steps' noise adds to the target.
     """
 
     wants_memoryless = True
@@ -135,7 +219,9 @@ class AdjointMatching(Solver):
     def __init__(self, reward_scale: float = 1.0, variant: Literal["lean", "basic"] = "lean",
                  num_loss_steps: int | None = None, num_last_steps: int = 0, loss_clip: float = 0.0,
                  reward_grad_clip: float = 0.0, step_weighting: Literal["auto", "am", "prediction"] = "auto",
-                 bootstrap: float = 0.0, estimator: Literal["auto", "pathwise", "score"] = "auto") -> None:
+                 bootstrap: float = 0.0, estimator: Literal["auto", "pathwise", "score"] = "auto",
+                 baseline: Literal["state", "mean"] = "state",
+                 cost_to_go: Literal["log-ratio", "quadratic"] = "log-ratio") -> None:
         super().__init__(reward_scale)
         if variant not in ("lean", "basic"):
             raise SoctuneError(f"variant must be 'lean' or 'basic', got '{variant}'")
@@ -155,7 +241,13 @@ class AdjointMatching(Solver):
             raise SoctuneError(f"estimator must be 'auto', 'pathwise' or 'score', got '{estimator}'")
         if estimator == "score" and (variant != "lean" or bootstrap > 0 or reward_grad_clip > 0):
             raise SoctuneError("estimator='score' uses no adjoint: leave variant, bootstrap and reward_grad_clip at their defaults")
+        if baseline not in ("state", "mean"):
+            raise SoctuneError(f"baseline must be 'state' or 'mean', got '{baseline}'")
+        if cost_to_go not in ("log-ratio", "quadratic"):
+            raise SoctuneError(f"cost_to_go must be 'log-ratio' or 'quadratic', got '{cost_to_go}'")
         self.estimator = estimator
+        self.baseline = baseline
+        self.cost_to_go = cost_to_go
         self.variant = variant
         self.step_weighting = step_weighting
         self.bootstrap = float(bootstrap)
@@ -265,8 +357,10 @@ class AdjointMatching(Solver):
     def score_pass(self, ctx: FinetuneContext, traj: Trajectory) -> AdjointPass:
         """Stein form of the regression target, packed like an adjoint so the loss is unchanged:
         ``adjoints[k+1]`` = (C_{k+1} − b_k) ξ_k / s_k on stochastic steps (so −s_k·adjoints[k+1] is
-        the target −(C_{k+1} − b_k)ξ_k), 0 elsewhere; C_{k+1} = Σ_{j>k} ½‖u_j‖² − λ r(x_K) per sample,
-        b_k its leave-one-out batch mean. Shapes as :class:`AdjointPass`; one base forward per step."""
+        the target −(C_{k+1} − b_k)ξ_k), 0 elsewhere; C_{k+1} the path's cost-to-go per sample
+        (``cost_to_go``: Σ_{j>k} (½‖u_j‖² + ⟨u_j, ξ_j⟩) − λ r(x_K), or without the ⟨u_j, ξ_j⟩), b_k its
+        baseline (``baseline``: :func:`state_baseline` of x_k, or the leave-one-out batch mean).
+        Shapes as :class:`AdjointPass`; one base forward per step."""
         model = ctx.model.unguided()
         reward = self.reward_of(ctx, traj.xs[-1].float(), traj.cond).detach()
         B, K = traj.batch_size, traj.num_steps
@@ -281,11 +375,15 @@ class AdjointMatching(Solver):
         for k in range(K - 1, -1, -1):
             s = float(traj.stds[k])
             if s > 0:
-                # the baseline must not depend on this sample's ξ_k: leave it out of the mean
-                baseline = (cost_to_go.sum() - cost_to_go) / (B - 1) if B > 1 else torch.zeros_like(cost_to_go)
+                baseline = (state_baseline(traj.xs[k], cost_to_go) if self.baseline == "state"
+                            else loo_mean(cost_to_go))
                 weight = (cost_to_go - baseline).to(traj.xs.dtype).reshape(B, *[1] * (traj.xs.dim() - 2))
                 adjoints[k + 1] = weight * traj.noises[k] / s
             cost_to_go = cost_to_go + step_costs[k]
+            if s > 0 and self.cost_to_go == "log-ratio":
+                # + ⟨u_k, ξ_k⟩: mean zero given x_k, so the targets of the earlier steps keep their mean
+                u = (traj.means[k] - base_means[k]) / s
+                cost_to_go = cost_to_go + (u * traj.noises[k]).flatten(1).double().sum(1)
             if running is not None:  # C_k also carries the running state cost Δt_k f(x_k)
                 cost_to_go = cost_to_go + float(traj.ts[k + 1] - traj.ts[k]) * running(traj.xs[k], float(traj.ts[k])).double()
         return AdjointPass(adjoints, base_means, reward.float())
