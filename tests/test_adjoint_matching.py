@@ -219,8 +219,7 @@ def test_score_target_has_the_basic_adjoints_mean(name: str, variates: dict[str,
     solver = AdjointMatching(reward_scale=LAM, estimator="score", **variates)
     n = 20_000
     with torch.no_grad():
-        traj = rollout(process, model, batch_size=n, sample_shape=(2,),
-                       generator=torch.Generator().manual_seed(0))
+        traj = rollout(process, model, batch_size=n, sample_shape=(2,), generator=torch.Generator().manual_seed(0))
     ctx = _ctx(process, model, QuadraticReward(c=(0.5, 1.0), scale=0.5), batch=n)
     score = solver.score_pass(ctx, traj).adjoints
     basic = solver.adjoint_pass(ctx, traj, "basic").adjoints
@@ -350,7 +349,8 @@ def test_auto_options_follow_the_model_and_the_state_size() -> None:
 
 def test_bad_options_are_one_line_errors() -> None:
     for opts in ({"variant": "fancy"}, {"num_loss_steps": 0}, {"num_loss_steps": 2, "num_last_steps": 3},
-                 {"loss_clip": -1.0}, {"step_weighting": "snr"}, {"estimator": "mc"}, {"baseline": "median"}, {"cost_to_go": "kl"},
+                 {"loss_clip": -1.0}, {"step_weighting": "snr"}, {"estimator": "mc"},
+                 {"baseline": "median"}, {"cost_to_go": "kl"},
                  {"estimator": "score", "variant": "basic"}, {"estimator": "score", "bootstrap": 0.5}):
         with pytest.raises(SoctuneError):
             AdjointMatching(**opts)
