@@ -16,10 +16,11 @@ Metrics on fresh rollouts of the trained control (:mod:`soctune.soc`):
 
     OMP_NUM_THREADS=1 python benchmarks/soc_matching.py                      # all four, default budget
     OMP_NUM_THREADS=1 python benchmarks/soc_matching.py --problems soc-double-well --iters 1000
-    OMP_NUM_THREADS=1 python benchmarks/soc_matching.py --problems soc-double-well --lr 1e-3 --option bootstrap=0.5
+    OMP_NUM_THREADS=1 python benchmarks/soc_matching.py --problems soc-double-well --lr 1e-3 --option bootstrap=0.5 \
+        --out /tmp/soc.jsonl                                                 # a study, kept out of results/
 
-Rows are appended to ``benchmarks/results/soc_matching.jsonl``; ``--table`` prints the Markdown rows for
-benchmarks/RESULTS.md.
+Rows are appended to ``--out`` (default ``benchmarks/results/soc_matching.jsonl``, which RESULTS.md is made
+from); ``--table`` prints the Markdown rows for benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -140,6 +141,9 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--table", action="store_true", help="print the Markdown rows for RESULTS.md")
+    ap.add_argument("--out", type=Path, default=RESULTS,
+                    help="JSONL file the rows are appended to (default: results/soc_matching.jsonl; a study "
+                         "writes elsewhere)")
     args = ap.parse_args()
     options = parse_options(ap, args.option)
     rows = []
@@ -149,8 +153,8 @@ def main() -> None:
                   args.seed, args.lr, options, args.lr_schedule)
         rows.append(row)
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-        RESULTS.parent.mkdir(exist_ok=True)
-        with RESULTS.open("a") as fh:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
     if args.table:
         print(table(rows))
