@@ -16,8 +16,8 @@ Metrics on fresh rollouts of the trained control (:mod:`soctune.soc`):
 
     OMP_NUM_THREADS=1 python benchmarks/soc_matching.py                      # all four, default budget
     OMP_NUM_THREADS=1 python benchmarks/soc_matching.py --problems soc-double-well --iters 1000
-    OMP_NUM_THREADS=1 python benchmarks/soc_matching.py --problems soc-double-well --lr 1e-3 --option bootstrap=0.5 \
-        --out /tmp/soc.jsonl                                                 # a study, kept out of results/
+    OMP_NUM_THREADS=1 python benchmarks/soc_matching.py --problems soc-double-well --lr 1e-3 --option bootstrap=0.5
+    OMP_NUM_THREADS=1 python benchmarks/soc_matching.py --problems soc-double-well --option estimator=score --out /tmp/s.jsonl
 
 Rows are appended to ``--out`` (default ``benchmarks/results/soc_matching.jsonl``, which RESULTS.md is made
 from); ``--table`` prints the Markdown rows for benchmarks/RESULTS.md.
