@@ -404,7 +404,10 @@ def ground_truth_section(rows: list[dict[str, Any]]) -> list[str]:
              "shortfall against it, and in 8-D no DP says whether the chain's optimum meets the bounds), "
              "*discretisation* (the reference misses too). Counts: "
              + (", ".join(f"{k} {v}" for k, v in diagnosis_counts(rows, refs, dps).items()) or "none") + ".", "",
-             "Runs outside the bounds:", "", out_of_bounds(rows, refs, dps), ""]
+             "Runs outside the bounds (*of it ≥ x the weights'*: the KL of the run's component shares to the K-step "
+             "tilt's, a lower bound on the part of the gap J − J*_K that the weights' error alone costs — the gap "
+             "is the run's path KL to the tilted path measure, and a KL only shrinks under the map x_K ↦ its "
+             "nearest component; ground_truth.label_kl):", "", out_of_bounds(rows, refs, dps), ""]
     return lines
 
 

@@ -180,6 +180,9 @@ def test_benchmark_table_and_pair_selection() -> None:
     assert "| nabla-db | ddpm | 25 | – | 2 | 1/2 (50%) |" in table and table.rstrip().endswith("| – |")
     listed = ground_truth.out_of_bounds([row, good])
     assert "p00" in listed and "p01" not in listed
+    # the weights' share of the gap: KL(0.5/0.5 ‖ 0.41/0.59) = ½ log(0.5/0.41) + ½ log(0.5/0.59) = 0.0165 nats
+    assert ground_truth.label_kl(row) == pytest.approx(0.5 * math.log(0.5 / 0.41) + 0.5 * math.log(0.5 / 0.59))
+    assert "gap 0.200 ± 0.010, of it ≥ 0.016 the weights'" in listed
     # the diagnosis against the exact-tilt control's reference of the same (problem, process)
     row.update(j=0.1, j_se=0.01)
     ref = {"tilt_model_j": -0.1, "tilt_model_j_se": 0.01, "tilt_model_cut": 0.9, "tilt_model_within": True}
