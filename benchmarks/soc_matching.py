@@ -18,6 +18,7 @@ Metrics on fresh rollouts of the trained control (:mod:`soctune.soc`):
     OMP_NUM_THREADS=1 python benchmarks/soc_matching.py --problems soc-double-well --iters 1000
     OMP_NUM_THREADS=1 python benchmarks/soc_matching.py --problems soc-double-well --lr 1e-3 --option bootstrap=0.5
     OMP_NUM_THREADS=1 python benchmarks/soc_matching.py --problems soc-double-well --option estimator=score --out /tmp/s.jsonl
+    OMP_NUM_THREADS=1 python benchmarks/soc_matching.py --problems soc-double-well --kstep-optimum   # the metric's floor
 
 Rows are appended to ``--out`` (default ``benchmarks/results/soc_matching.jsonl``, which RESULTS.md is made
 from); ``--table`` prints the Markdown rows for benchmarks/RESULTS.md.
@@ -27,13 +28,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch import Tensor
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
@@ -42,8 +45,9 @@ from common import add_option_argument, parse_options  # noqa: E402
 from soctune import finetune  # noqa: E402
 from soctune.models.base import CorrectedDenoiser, Denoiser, ZeroDenoiser  # noqa: E402
 from soctune.models.informed_control import InformedControl  # noqa: E402
-from soctune.problems import PROBLEMS, SOCProblemProcess, get_problem  # noqa: E402
-from soctune.soc import ControlFunctionModel, control_l2_error, soc_cost, soc_lower_bound  # noqa: E402
+from soctune.problems import PROBLEMS, DoubleWell, SOCProblemProcess, get_problem  # noqa: E402
+from soctune.registry import SoctuneError  # noqa: E402
+from soctune.soc import ControlFunctionModel, control_l2_error, soc_cost, soc_costs, soc_lower_bound  # noqa: E402
 
 RESULTS = ROOT / "results" / "soc_matching.jsonl"
 
@@ -101,6 +105,79 @@ def run(name: str, iters: int, batch: int, hidden: int, depth: int, kind: str, n
             "J_lb_se": lb_se, "train_s": train_s}
 
 
+def kstep_optimal_control(proc: DoubleWell, dx: float = 0.002, xb: float = 4.0) -> Callable[[Tensor, float], Tensor]:
+    """The Double Well CHAIN's own optimal control, per coordinate by dynamic programming on a grid: the
+    reference u* is the continuous-time optimum, the solver trains the K-step Euler–Maruyama chain
+    x_{k+1} = m_k(x_k) + Δt·u_k + √Δt ξ_k, m_k(x) = x + Δt·b(x). The chain's tilted transition from x_k has
+    mean m + Δt ∂_m log H_k(m) at m = m_k(x_k) (Tweedie), with
+
+        h_K = e^{−g},   H_k(m) = E[h_{k+1}(m + √Δt ξ)],   h_k(x) = H_k(m_k(x)),
+
+    so u_k(x) = ∂_m log H_k(m_k(x)) is the mean shift of the K-step optimum in the SDE's units (the problem
+    separates over coordinates: one 1-D table per (κ, ν)). Its relative L2 error against u* is what the
+    metric charges a solver that found the chain's optimum exactly (``--kstep-optimum``).
+    Grid: nodes ±``xb`` spaced ``dx``; log H by a log-sum-exp convolution with the step's Gaussian (±7 s.d.),
+    its slope by central differences. Returns u(x [B, D], t) -> [B, D] float64, t a step's left end."""
+    num_steps = proc.num_steps
+    dt = 1.0 / num_steps
+    grid = torch.arange(-xb, xb + dx / 2, dx, dtype=torch.float64)
+    half = int(math.ceil(7 * math.sqrt(dt) / dx))
+    log_kernel = -0.5 * (torch.arange(-half, half + 1, dtype=torch.float64) * dx) ** 2 / dt
+    log_kernel = log_kernel - torch.logsumexp(log_kernel, 0)
+    window = (torch.arange(grid.numel())[:, None] + torch.arange(-half, half + 1)[None, :]).clamp(0, grid.numel() - 1)
+
+    def at(values: Tensor, pos: Tensor) -> Tensor:  # linear interpolation of grid values at fractional indices
+        pos = pos.clamp(0, grid.numel() - 1)
+        i0 = pos.floor().long().clamp(max=grid.numel() - 2)
+        w = pos - i0
+        return (1 - w) * values[..., i0] + w * values[..., i0 + 1]
+
+    tables: dict[tuple[float, float], Tensor] = {}
+    for kappa, nu in {(float(k), float(n)) for k, n in zip(proc.kappa.tolist(), proc.nu.tolist())}:
+        mean_pos = (grid + dt * (-4.0 * kappa * grid * (grid * grid - 1.0)) + xb) / dx  # m(x) on the grid, as index
+        log_h = -nu * (grid * grid - 1.0) ** 2
+        rows = [grid] * num_steps
+        for k in range(num_steps - 1, -1, -1):
+            log_big_h = torch.logsumexp(log_h[window] + log_kernel, 1)  # log H_k at the nodes (edges held flat)
+            rows[k] = at(torch.gradient(log_big_h, spacing=dx)[0], mean_pos)
+            log_h = at(log_big_h, mean_pos)
+            log_h = log_h - log_h.max()  # log h matters up to a constant
+        tables[(kappa, nu)] = torch.stack(rows)  # [K, nodes]
+
+    def control(x: Tensor, t: float) -> Tensor:
+        k = min(int(round(t * num_steps)), num_steps - 1)
+        out = torch.empty(x.shape, dtype=torch.float64, device=x.device)
+        for (kappa, nu), table in tables.items():
+            cols = [i for i in range(proc.dim) if (float(proc.kappa[i]), float(proc.nu[i])) == (kappa, nu)]
+            out[:, cols] = at(table[k], (x[:, cols].double().cpu() + xb) / dx).to(x.device)
+        return out
+
+    return control
+
+
+def kstep_optimum_row(name: str, n_eval: int, seed: int) -> dict[str, Any]:
+    """The K-step optimum (:func:`kstep_optimal_control`) measured like a trained run: its relative L2 error
+    to u* (the metric's floor at this K) and its J beside u*'s on the same rollout noise."""
+    proc = get_problem(name)
+    if not isinstance(proc, DoubleWell):
+        raise SoctuneError(f"the K-step optimum has a dynamic programme for soc-double-well only, not {name}")
+    shape, lam = (proc.dim,), proc.reward_scale
+    start = time.perf_counter()
+    dp = ControlFunctionModel(kstep_optimal_control(proc))
+    solve_s = time.perf_counter() - start
+    err = control_l2_error(proc, dp, proc.optimal_control, n_eval, torch.Generator().manual_seed(seed + 1),
+                           sample_shape=shape)
+    costs = soc_costs(proc, dp, proc.reward, lam, n_eval, torch.Generator().manual_seed(seed + 2), sample_shape=shape)
+    costs_opt = soc_costs(proc, ControlFunctionModel(proc.optimal_control), proc.reward, lam, n_eval,
+                          torch.Generator().manual_seed(seed + 2), sample_shape=shape)
+    diff = costs - costs_opt
+    return {"problem": name, "model": "kstep-optimum", "seed": seed, "rel": err.relative, "rel_rms": err.relative_rms,
+            "rel_by_tenth": _tenths(err.by_step), "rel_by_coord": list(err.by_coord), "J": float(costs.mean()),
+            "J_se": float(costs.std() / math.sqrt(n_eval)), "J_opt": float(costs_opt.mean()),
+            "J_minus_J_opt": float(diff.mean()), "J_minus_J_opt_se": float(diff.std() / math.sqrt(n_eval)),
+            "solve_s": solve_s}
+
+
 def _tenths(by_step: tuple[float, ...]) -> list[float]:
     """Per-step shares [K] summed over ten consecutive blocks of steps (the first tenth … the last)."""
     k = len(by_step)
@@ -141,11 +218,21 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--table", action="store_true", help="print the Markdown rows for RESULTS.md")
+    ap.add_argument("--kstep-optimum", action="store_true",
+                    help="measure the K-step chain's own optimal control (dynamic programming; Double Well only) "
+                         "instead of training: the metric's floor at this K; prints its row, appends nothing")
     ap.add_argument("--out", type=Path, default=RESULTS,
                     help="JSONL file the rows are appended to (default: results/soc_matching.jsonl; a study "
                          "writes elsewhere)")
     args = ap.parse_args()
     options = parse_options(ap, args.option)
+    if args.kstep_optimum:
+        if any(not issubclass(PROBLEMS[name], DoubleWell) for name in args.problems):
+            ap.error("--kstep-optimum has a dynamic programme for the Double Well only: add --problems soc-double-well")
+        for name in args.problems:
+            row = kstep_optimum_row(name, args.n_eval, args.seed)
+            print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        return
     rows = []
     for name in args.problems:
         iters, batch = BUDGET[name]
