@@ -4,6 +4,7 @@
     python benchmarks/ground_truth.py --problems 5 --pairs adjoint-matching:fm-memoryless nabla-db:ddpm
     python benchmarks/ground_truth.py --problem-ids 0 3 --iters 20 --batch-size 32 --out /tmp/gt.jsonl   # smoke test
     python benchmarks/ground_truth.py --tilt-model                     # the exact-tilt control per problem (~10 min)
+    python benchmarks/ground_truth.py --supervised --problem-ids 9 --pairs adjoint-matching:fm-memoryless   # exact targets
     python benchmarks/ground_truth.py --problem-ids 9 --option estimator=score --out /tmp/gt.jsonl   # a study
 
 Problems: soctune.models.gmm_problems.random_tilt_problem(i) for i in the list (seeded: 2–5 components,
@@ -74,8 +75,10 @@ from soctune.models.base import SwitchableDenoiser  # noqa: E402
 from soctune.models.gmm_problems import TiltProblem, random_tilt_problem  # noqa: E402
 from soctune.registry import SoctuneError  # noqa: E402
 from soctune.sde import get_process  # noqa: E402
+from soctune.config import TrainConfig  # noqa: E402
 from soctune.soc import soc_costs, soc_lower_bound  # noqa: E402
-from soctune.trajectory import rollout  # noqa: E402
+from soctune.trainer import lr_at  # noqa: E402
+from soctune.trajectory import model_step, rollout  # noqa: E402
 
 RESULTS = ROOT / "results"
 #: the fixed problem list: 24 = the 12 cells of dims × rewards × λ, twice
@@ -266,6 +269,53 @@ def correction_model(problem: TiltProblem, process_name: str, process: Any, hidd
                      depth: int) -> ControlGainDenoiser:
     """The exact base + a from-scratch control-units correction net (hidden × depth)."""
     return ControlGainDenoiser(base_model(problem, process_name, process), process, hidden=hidden, depth=depth)
+
+
+def supervised_fit(problem: TiltProblem, process_name: str, cut: float, budget: dict[str, Any] | None = None,
+                   seed: int = 0) -> dict[str, Any]:
+    """Can the runs' model and optimiser reach the tilt at all? The same from-scratch correction
+    (:func:`correction_model`, the budget's net, iterations and batch, the model's training defaults: AdamW,
+    lr and schedule of ControlGainDenoiser.train_defaults, the library's grad clip) regressed on EXACT targets —
+    the :class:`TiltModel` control (cut ``cut``) — on rollouts of itself, as the solvers regress on theirs:
+
+        L = E Σ_k ‖(m_θ(x_k) − m_tilt(x_k)) / s_k‖²   (control units, every stochastic step, x ~ the model's chain).
+
+    A fit within the bounds where the runs miss says the miss is the solvers' targets (their noise at this
+    budget), not what the network can represent or the optimiser can reach. Chains Markov in x only.
+    Returns its samples' :func:`fidelity` (N_EVAL) and the wall time."""
+    if PROCESS_SPECS[process_name][1].get("order", 1) != 1:
+        raise SoctuneError(f"the supervised fit needs a chain Markov in x; {process_name} is multistep")
+    b = {**BUDGET, **(budget or {})}
+    process = make_process(process_name)
+    torch.manual_seed(seed)
+    model = correction_model(problem, process_name, process, b["hidden"], b["depth"])
+    target = TiltModel(problem, process_name, process, cut)
+    config = TrainConfig(**{**ControlGainDenoiser.train_defaults, "iters": b["iters"]})
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    for step in range(config.iters):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(config, step)
+        with torch.no_grad():
+            traj = rollout(process, model, batch_size=b["batch_size"], sample_shape=(problem.dim,), generator=gen)
+        loss = torch.zeros(())
+        for k in traj.stochastic_steps():
+            with torch.no_grad():
+                m_tilt = model_step(process, target, traj.xs[k], k, None, None).mean
+            m = model_step(process, model, traj.xs[k], k, None, None).mean
+            loss = loss + ((m - m_tilt) / float(traj.stds[k])).flatten(1).pow(2).sum(1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+    fit_s = time.perf_counter() - start
+    with torch.no_grad():
+        x = rollout(process, model, batch_size=N_EVAL, sample_shape=(problem.dim,),
+                    generator=torch.Generator().manual_seed(100 + seed)).x_final
+    return {**fidelity(x, problem.tilt), "cut": cut, "budget": b, "fit_s": fit_s}
 
 
 def run_case(problem: TiltProblem, solver: str, process_name: str, seed: int = 0, budget: dict[str, Any] | None = None,
@@ -526,6 +576,9 @@ def main(argv: list[str] | None = None) -> int:
     ref_mode.add_argument("--dp", action="store_true",
                           help="only the K-step optimum by grid dynamic programming per 2-D (problem, process) of the "
                                f"pairs, appended to {DP_FILE.relative_to(ROOT.parent)} (the diagnosis prefers it)")
+    ref_mode.add_argument("--supervised", action="store_true",
+                          help="only the supervised fit of the runs' model to the exact-tilt control per (problem, "
+                               "process) of the pairs, with the budget (supervised_fit; prints, appends nothing)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     K = args.num_steps
@@ -545,6 +598,23 @@ def main(argv: list[str] | None = None) -> int:
                     f.write(json.dumps(ref) + "\n")
                 print(f"{problem.name} {process} K={K}: tilt model J {ref['tilt_model_j']:.3f} ± {ref['tilt_model_j_se']:.3f} "
                       f"(cut {ref['tilt_model_cut']:g}), weight err {ref['tilt_model_weight_err']:.3f}", flush=True)
+        return 0
+    if args.supervised:
+        multistep = [p for _, p in pairs if PROCESS_SPECS[p][1].get("order", 1) != 1]
+        if multistep:
+            print(f"error: the supervised fit needs a chain Markov in x; drop {', '.join(multistep)} from --pairs",
+                  file=sys.stderr)
+            return 2
+        for i in ids:
+            problem = random_tilt_problem(i)
+            for process in dict.fromkeys(p for _, p in pairs):
+                cut = tilt_model_reference(problem, process)["tilt_model_cut"]  # the least-J exact-tilt control
+                fit = supervised_fit(problem, process, cut, {"iters": args.iters, "batch_size": args.batch_size})
+                print(f"{problem.name} {process} K={K}: supervised fit to the exact-tilt control (cut {cut:g}), "
+                      f"{args.iters} × {args.batch_size}: weights {_fmt_weights(fit['weights'])} (exact "
+                      f"{_fmt_weights(problem.tilt.weights.tolist())}), err {fit['weight_err']:.3f}, SW {fit['sw']:.3f} "
+                      f"(bound {fit['sw_bound']:.3f}), {'within' if fit['within'] else 'OUT'}; {fit['fit_s']:.0f} s",
+                      flush=True)
         return 0
     if args.dp:
         for i in ids:
