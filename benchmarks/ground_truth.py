@@ -68,6 +68,7 @@ sys.path.insert(0, str(ROOT.parent))
 from common import add_option_argument, parse_options  # noqa: E402
 from grid_optimum import GridPolicy, solve_grid  # noqa: E402
 from soctune import finetune  # noqa: E402
+from soctune.config import TrainConfig  # noqa: E402
 from soctune.metrics import mean_and_stderr, sliced_wasserstein  # noqa: E402
 from soctune.models.control import ControlGainDenoiser  # noqa: E402
 from soctune.models.gmm import GaussianMixture, GaussianMixtureDenoiser, mixture_weights_by_nearest_mean  # noqa: E402
@@ -75,7 +76,6 @@ from soctune.models.base import SwitchableDenoiser  # noqa: E402
 from soctune.models.gmm_problems import TiltProblem, random_tilt_problem  # noqa: E402
 from soctune.registry import SoctuneError  # noqa: E402
 from soctune.sde import get_process  # noqa: E402
-from soctune.config import TrainConfig  # noqa: E402
 from soctune.soc import soc_costs, soc_lower_bound  # noqa: E402
 from soctune.trainer import lr_at  # noqa: E402
 from soctune.trajectory import model_step, rollout  # noqa: E402
@@ -518,8 +518,8 @@ def diagnosis(row: dict[str, Any], ref: dict[str, Any] | None, dp: dict[str, Any
 def out_of_bounds(rows: list[dict[str, Any]], refs: dict[tuple[str, str, int], dict[str, Any]] | None = None,
                   dps: dict[tuple[str, str, int], dict[str, Any]] | None = None) -> str:
     """Markdown list of every run outside the bounds: weights (run / exact / K-step tilt), SW against
-    its bound, the cost gap with the part of it the weights alone account for (:func:`label_kl`) and, given the tilt-model references {(problem, process, K): ref}, the
-    :func:`diagnosis`."""
+    its bound, the cost gap with the part of it the weights alone account for (:func:`label_kl`) and, given
+    the tilt-model references {(problem, process, K): ref}, the :func:`diagnosis`."""
     out = []
     for r in rows:
         if r["within"]:

@@ -132,11 +132,14 @@ def kstep_optimal_control(proc: DoubleWell, dx: float = 0.002, xb: float = 4.0) 
         w = pos - i0
         return (1 - w) * values[..., i0] + w * values[..., i0 + 1]
 
+    # the process's own drift on the grid, one column per coordinate (time-homogeneous: t = 0)
+    drift = proc.base_drift(grid[:, None].expand(-1, proc.dim), 0.0)
     tables: dict[tuple[float, float], Tensor] = {}
     for kappa, nu in {(float(k), float(n)) for k, n in zip(proc.kappa.tolist(), proc.nu.tolist())}:
-        mean_pos = (grid + dt * (-4.0 * kappa * grid * (grid * grid - 1.0)) + xb) / dx  # m(x) on the grid, as index
-        log_h = -nu * (grid * grid - 1.0) ** 2
-        rows = [grid] * num_steps
+        col = [float(k) for k in proc.kappa].index(kappa)
+        mean_pos = (grid + dt * drift[:, col] + xb) / dx  # m(x) on the grid, as a fractional index
+        log_h = -nu * (grid * grid - 1.0) ** 2  # this coordinate's share of −g
+        rows: list[Tensor] = [grid] * num_steps  # overwritten back to front
         for k in range(num_steps - 1, -1, -1):
             log_big_h = torch.logsumexp(log_h[window] + log_kernel, 1)  # log H_k at the nodes (edges held flat)
             rows[k] = at(torch.gradient(log_big_h, spacing=dx)[0], mean_pos)
