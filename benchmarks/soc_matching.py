@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT.parent))
 from common import add_option_argument, parse_options  # noqa: E402
 from soctune import finetune  # noqa: E402
 from soctune.models.base import CorrectedDenoiser, Denoiser, ZeroDenoiser  # noqa: E402
+from soctune.metrics import mean_and_stderr  # noqa: E402
 from soctune.models.informed_control import InformedControl  # noqa: E402
 from soctune.problems import PROBLEMS, DoubleWell, SOCProblemProcess, get_problem  # noqa: E402
 from soctune.registry import SoctuneError  # noqa: E402
@@ -173,12 +174,10 @@ def kstep_optimum_row(name: str, n_eval: int, seed: int) -> dict[str, Any]:
     costs = soc_costs(proc, dp, proc.reward, lam, n_eval, torch.Generator().manual_seed(seed + 2), sample_shape=shape)
     costs_opt = soc_costs(proc, ControlFunctionModel(proc.optimal_control), proc.reward, lam, n_eval,
                           torch.Generator().manual_seed(seed + 2), sample_shape=shape)
-    diff = costs - costs_opt
+    (j, j_se), (dj, dj_se) = mean_and_stderr(costs), mean_and_stderr(costs - costs_opt)  # the latter paired
     return {"problem": name, "model": "kstep-optimum", "seed": seed, "rel": err.relative, "rel_rms": err.relative_rms,
-            "rel_by_tenth": _tenths(err.by_step), "rel_by_coord": list(err.by_coord), "J": float(costs.mean()),
-            "J_se": float(costs.std() / math.sqrt(n_eval)), "J_opt": float(costs_opt.mean()),
-            "J_minus_J_opt": float(diff.mean()), "J_minus_J_opt_se": float(diff.std() / math.sqrt(n_eval)),
-            "solve_s": solve_s}
+            "rel_by_tenth": _tenths(err.by_step), "rel_by_coord": list(err.by_coord), "J": j, "J_se": j_se,
+            "J_opt": float(costs_opt.mean()), "J_minus_J_opt": dj, "J_minus_J_opt_se": dj_se, "solve_s": solve_s}
 
 
 def _tenths(by_step: tuple[float, ...]) -> list[float]:
