@@ -237,7 +237,7 @@ def supervised_fit(problem_index: int, process_name: str, lr: float, iters: int 
 
     out = [dict(measure(GridPolicy(base, process, optimum), -1), lr=lr)]
     torch.manual_seed(seed)
-    model = gt.correction_model(p, process_name, process, gt.BUDGET["hidden"], gt.BUDGET["depth"])
+    model = gt.correction_model(p, process_name, process, gt.BUDGET[2]["hidden"], gt.BUDGET[2]["depth"])
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)

@@ -352,20 +352,22 @@ def ground_truth_section(rows: list[dict[str, Any]]) -> list[str]:
     """results/ground_truth.jsonl (benchmarks/ground_truth.py): random mixtures, library defaults."""
     if not rows:
         return []
-    from ground_truth import (GRID_N, K, SW_FACTOR, SW_MARGIN, WEIGHT_TOL, diagnosis_counts, latest, load_dp_refs,
-                              load_tilt_model_refs, out_of_bounds, summary_table)
+    from ground_truth import (BUDGET, GRID_N, K, SW_FACTOR, SW_MARGIN, WEIGHT_TOL, diagnosis_counts, latest,
+                              load_dp_refs, load_tilt_model_refs, out_of_bounds, summary_table)
 
     refs, dps = load_tilt_model_refs(), load_dp_refs()
     rows = latest(rows)
 
-    b = rows[0]["budget"]
+    nets = {f"{b['depth']}×{b['hidden']}" for b in BUDGET.values()}
+    budgets = ", ".join(f"{b['iters']} iterations of batch {b['batch_size']} on {d}-D" for d, b in sorted(BUDGET.items()))
     problems = sorted({r["problem"] for r in rows})
     seeds = sorted({r["seed"] for r in rows})
     lines = ["## Randomised ground truth: random Gaussian mixtures, library defaults", "",
              f"`python benchmarks/ground_truth.py`: {len(problems)} problems of the fixed list "
              "(soctune.models.gmm_problems: 2–5 components, unequal weights and full covariances, D ∈ {2, 8}, linear "
              f"or quadratic reward, λ ∈ {{0.5, 1, 2}}), K = {K} steps (column *K*: a line per K where a pair also ran with another step count, `--num-steps`), the exact base mixture plus a from-scratch "
-             f"ControlGainDenoiser {b['depth']}×{b['hidden']}, {b['iters']} iterations of batch {b['batch_size']}, "
+             f"ControlGainDenoiser {'/'.join(sorted(nets))}, {budgets} (ground_truth.BUDGET; column *iterations*: what the "
+             "rows ran with — a pair whose 8-D rows show 300 has not been re-run since 8-D got its budget), "
              "the model's training defaults (column *lr, schedule*: ControlGainDenoiser.train_defaults, lr 0.01 with "
              "cosine decay; a pair not re-measured since that default came in shows the earlier lr 0.0003, "
              "constant; – : not recorded, the oldest rows, lr 0.0003), "

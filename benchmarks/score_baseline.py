@@ -40,10 +40,12 @@ VARIANTS = {"plain": ("quadratic", "mean"), "log-ratio": ("log-ratio", "mean"), 
 
 @torch.no_grad()
 def target_moments(problem_index: int, process_name: str, batches: int = 8,
-                   batch_size: int = gt.BUDGET["batch_size"]) -> list[dict[str, float]]:
+                   batch_size: int | None = None) -> list[dict[str, float]]:
     """One row per stochastic step: step, E‖u_k‖² of the reference control, and E‖target‖² of each of
-    :data:`VARIANTS` (batch means, averaged over ``batches`` rollouts)."""
+    :data:`VARIANTS` (batch means, averaged over ``batches`` rollouts of ``batch_size``, by default the
+    benchmark's for the problem's size)."""
     p = random_tilt_problem(problem_index)
+    batch_size = batch_size or gt.budget_for(p.dim)["batch_size"]
     process = gt.make_process(process_name)
     base, reward = gt.base_model(p, process_name, process), p.reward()
     if p.dim == 2:

@@ -87,9 +87,12 @@ def test_diagnosis_prefers_the_k_step_optimum() -> None:
     assert ground_truth.diagnosis_counts([row], {}, dps) == {"discretisation": 1}
     assert ground_truth.summary_table([row], None, dps).rstrip().endswith("| 0/1 / 0/1 | +0.200 |")
     # the table names each pair's recorded schedule; a re-measured row supersedes the earlier one
-    rerun = dict(row, within=True, train_config={"lr": 0.01, "lr_schedule": "cosine"})
+    # and the iterations per problem size
+    rerun = dict(row, within=True, train_config={"lr": 0.01, "lr_schedule": "cosine"}, dim=2, budget={"iters": 300})
     assert ground_truth.latest([row, rerun]) == [rerun]
-    assert "| nabla-db | ddpm | 25 | 0.01 cosine | 1 | 1/1 (100%) |" in ground_truth.summary_table([rerun])
+    assert "| nabla-db | ddpm | 25 | 0.01 cosine | 2-D 300 | 1 | 1/1 (100%) |" in ground_truth.summary_table([rerun])
+    eight = [dict(rerun, problem=f"p0{i}", dim=8, budget={"iters": n}) for i, n in ((1, 300), (3, 1200))]
+    assert "| 2-D 300, 8-D 300/1200 | 3 |" in ground_truth.summary_table([rerun, *eight])
     # a row of another K has no reference
     assert ground_truth.summary_table([dict(row, K=50)], None, dps).rstrip().endswith("| – | – |")
     with pytest.raises(SoctuneError, match="2-D"):

@@ -177,7 +177,7 @@ def test_benchmark_table_and_pair_selection() -> None:
            "gap": 0.2, "gap_se": 0.01, "kstep_weight_err": 0.01, "within": False}
     good = dict(row, problem="p01", weight_err=0.01, sw=0.2, gap=0.01, within=True)
     table = ground_truth.summary_table([row, good])
-    assert "| nabla-db | ddpm | 25 | – | 2 | 1/2 (50%) |" in table and table.rstrip().endswith("| – |")
+    assert "| nabla-db | ddpm | 25 | – | – | 2 | 1/2 (50%) |" in table and table.rstrip().endswith("| – |")
     listed = ground_truth.out_of_bounds([row, good])
     assert "p00" in listed and "p01" not in listed
     # the weights' share of the gap: KL(0.5/0.5 ‖ 0.41/0.59) = ½ log(0.5/0.41) + ½ log(0.5/0.59) = 0.0165 nats
@@ -209,10 +209,15 @@ def test_benchmark_table_and_pair_selection() -> None:
     assert ground_truth._dp_of(own, {("p00", "ddpm", 25): dp}) is own["paired_dp"]
     # a reference holds for its own K: a run with another step count is a line of its own, without it
     table = ground_truth.summary_table([row, good, dict(row, K=50)], refs)
-    assert "| nabla-db | ddpm | 50 | – | 1 | 0/1 (0%) |" in table and table.rstrip().endswith("| – | – | – |")
+    assert "| nabla-db | ddpm | 50 | – | – | 1 | 0/1 (0%) |" in table and table.rstrip().endswith("| – | – | – |")
     assert ground_truth.diagnosis_counts([dict(row, K=50)], refs) == {"no tilt-model reference (run --tilt-model)": 1}
     with pytest.raises(SoctuneError, match="SOLVER:PROCESS"):
         ground_truth.parse_pair("draft:ddpm")
+    # the budget per problem size (8-D: more iterations), a study's value over it; no silent default size
+    assert ground_truth.budget_for(8)["iters"] > ground_truth.budget_for(2)["iters"]
+    assert ground_truth.budget_for(8, {"iters": 5}) == dict(ground_truth.BUDGET[8], iters=5)
+    with pytest.raises(SoctuneError, match="no budget for 3-D"):
+        ground_truth.budget_for(3)
     # a study's solver options, parsed as the CLI's --set parses values; a malformed one is a usage error
     ap = argparse.ArgumentParser()
     assert common.parse_options(ap, ["estimator=score", "bootstrap=0.5"]) == {"estimator": "score", "bootstrap": 0.5}
